@@ -1,0 +1,155 @@
+"""The config schema (every key with its default) and validation.
+
+Configs in `configs/` start from `defaults()` and override what their recipe changes, so every config
+has every key. `validate()` turns a mistake into one `ConfigError` with one clear sentence, raised before
+any model is built; `train.py` prints it and exits with status 2.
+"""
+
+import difflib
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message says which key and why."""
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """Every config key with its default (a small MoCo v2 on Fashion-MNIST)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.deterministic = False
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "fashion_mnist"  # fashion_mnist | tfds | image_folder | synthetic
+    c.data.name = ""  # tfds dataset name, e.g. "imagenet2012"
+    c.data.data_dir = ""  # IDX dir / image folder / tfds data_dir; "" = the source's default
+    c.data.eval_dir = ""  # image_folder only: labelled folder (class sub-folders) for kNN
+    c.data.train_split = "train"
+    c.data.eval_split = "test"
+    c.data.image_size = 28
+    c.data.channels = 1
+    c.data.augmentation = "moco_v2"  # moco_v1 | moco_v2 (aug+)
+    c.data.crop_scale = (0.2, 1.0)
+    c.data.cache = True
+    c.data.shuffle_buffer = 10000
+    c.data.synthetic_examples = 256
+    c.data.num_classes = 10
+    # Per-channel normalisation, applied inside the backbone so exports take raw images.
+    c.data.mean = (0.2860,)
+    c.data.std = (0.3530,)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.backbone = "resnet18"  # resnet18 | resnet50 | small_cnn
+    c.model.cifar_stem = True  # 3x3 stride-1 conv1, no max-pool: for 28-32 px images
+    c.model.norm = "split_bn"  # bn | split_bn (shuffle-BN emulation on one device)
+    c.model.split_bn_groups = 8
+    c.model.projector = "mlp"  # linear (v1) | mlp (v2)
+    c.model.projector_hidden_dim = 0  # 0 = the backbone's feature dim
+
+    c.moco = ml_collections.ConfigDict()
+    c.moco.dim = 128
+    c.moco.queue_size = 4096  # K
+    c.moco.momentum = 0.99  # m
+    c.moco.temperature = 0.2  # T
+
+    c.train = ml_collections.ConfigDict()
+    c.train.epochs = 1
+    c.train.batch_size = 256
+    c.train.steps_per_epoch = ml_collections.config_dict.placeholder(int)  # None = full epoch
+    c.train.base_learning_rate = 0.03  # per 256 images: lr = base * batch_size / 256
+    c.train.lr_schedule = "cosine"  # cosine | step | constant
+    c.train.lr_decay_epochs = (120, 160)  # step schedule: x0.1 at these epochs
+    c.train.warmup_epochs = 0
+    c.train.sgd_momentum = 0.9
+    c.train.weight_decay = 1e-4
+    c.train.steps_per_execution = 1
+    c.train.jit_compile = False  # XLA was slower than graph mode on CPU (DESIGN §5)
+    c.train.verbose = 1  # Keras progress bar: 0 silent, 1 bar, 2 one line per epoch
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.knn_every_epochs = 1
+    c.eval.knn_ks = (200, 20)
+    c.eval.knn_temperature = 0.1
+    c.eval.batch_size = 512
+    c.eval.export = True
+    return c
+
+
+_CHOICES = {
+    "data.source": ("fashion_mnist", "tfds", "image_folder", "synthetic"),
+    "data.augmentation": ("moco_v1", "moco_v2"),
+    "model.backbone": ("resnet18", "resnet50", "small_cnn"),
+    "model.norm": ("bn", "split_bn"),
+    "model.projector": ("linear", "mlp"),
+    "train.lr_schedule": ("cosine", "step", "constant"),
+}
+
+
+def _flatten(cfg, prefix=""):
+    out = {}
+    for key, value in cfg.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            out.update(_flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def _same_kind(value, default) -> bool:
+    if default is None or value is None:
+        return True
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float))
+    if isinstance(default, (tuple, list)):
+        return isinstance(value, (tuple, list))
+    return isinstance(value, type(default))
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks `config` against the schema and the MoCo constraints.
+
+    Returns the config unchanged; raises `ConfigError` naming the first problem.
+    """
+    schema = _flatten(defaults())
+    given = _flatten(config)
+    for key, value in given.items():
+        if key not in schema:
+            close = difflib.get_close_matches(key, schema, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"Unknown config key '{key}'.{hint}")
+        if not _same_kind(value, schema[key]):
+            raise ConfigError(
+                f"'{key}' must be of type {type(schema[key]).__name__}, got {value!r}."
+            )
+    for key, choices in _CHOICES.items():
+        if key in given and given[key] not in choices:
+            raise ConfigError(f"'{key}' is {given[key]!r}; choose one of {', '.join(choices)}.")
+
+    t, m = config.train, config.moco
+    if t.batch_size <= 0 or t.epochs <= 0:
+        raise ConfigError("'train.batch_size' and 'train.epochs' must be positive.")
+    if m.queue_size % t.batch_size != 0:
+        raise ConfigError(
+            f"'moco.queue_size' ({m.queue_size}) must be a multiple of 'train.batch_size' "
+            f"({t.batch_size}) so that every batch of keys is enqueued whole; try "
+            f"{max(1, m.queue_size // t.batch_size) * t.batch_size}."
+        )
+    if not m.temperature > 0:
+        raise ConfigError(f"'moco.temperature' must be > 0, got {m.temperature}.")
+    if not 0.0 <= m.momentum <= 1.0:
+        raise ConfigError(f"'moco.momentum' must be in [0, 1], got {m.momentum}.")
+    if config.model.norm == "split_bn" and t.batch_size % config.model.split_bn_groups:
+        raise ConfigError(
+            f"'train.batch_size' ({t.batch_size}) must be divisible by "
+            f"'model.split_bn_groups' ({config.model.split_bn_groups})."
+        )
+    d = config.data
+    if len(d.mean) != d.channels or len(d.std) != d.channels:
+        raise ConfigError(
+            f"'data.mean' and 'data.std' need one value per channel ({d.channels})."
+        )
+    return config

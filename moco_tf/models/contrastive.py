@@ -1,0 +1,226 @@
+"""MoCo as a `keras.Model`: query encoder, momentum key encoder, queue of negatives, InfoNCE.
+
+Read `train_step` top to bottom: it is the whole method, as in the official `moco/builder.py`.
+"""
+
+import keras
+import tensorflow as tf
+
+from moco_tf import distribute, losses, momentum as momentum_lib
+
+SCOPES = ("full", "projector", "none")
+NEGATIVES = ("queue", "batch")
+
+
+def _clone(model, name):
+    """Same architecture, same initial weights (clone_model alone does not copy weights)."""
+    clone = keras.models.clone_model(model)
+    clone.name = name
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def _freeze_variables(model):
+    """Excludes `model`'s variables from gradients, but leaves its layers `trainable`.
+
+    Keras runs a BatchNormalization layer with `trainable=False` in inference mode even when called
+    with `training=True`; the key encoder must normalise with its own batch statistics (and update
+    its moving averages) like the official code, so only the variables are frozen.
+    """
+    for v in model.weights:
+        v.trainable = False
+
+
+def _normalized_queue(shape, dtype=None):
+    return tf.math.l2_normalize(tf.random.normal(shape, dtype=dtype or "float32"), axis=1)
+
+
+@keras.saving.register_keras_serializable(package="moco_tf")
+class MoCo(keras.Model):
+    """Momentum Contrast (He et al. 2019) and its momentum-encoder family (Pham et al. 2022).
+
+    The query encoder is `backbone` followed by `projector`; the key encoder is a copy of both whose
+    weights follow the query encoder's by EMA and never receive gradients.
+
+    Inputs to `fit`: a dataset of dicts `{"view1": [B, H, W, C], "view2": [B, H, W, C]}`, float32
+    images in [0, 1] (two augmentations of the same images). `call(images)` returns the query
+    backbone's features `[B, D]` (what you evaluate and export).
+
+    Args:
+      backbone: keras.Model, images [B, H, W, C] -> features [B, D].
+      projector: keras.Model, [B, D] -> [B, dim].
+      queue_size: K, the number of negative keys kept (ignored with `negatives="batch"`).
+      momentum: m of the key-encoder EMA; a `MomentumSchedule` callback may change it during fit.
+      temperature: T of InfoNCE.
+      momentum_scope: "full" (MoCo: EMA of backbone + projector), "projector" (Pham et al.: EMA of the
+        projector only, keys from the shared backbone's features, one backbone pass per view), or
+        "none" (keys from the online encoder, SimCLR-style).
+      negatives: "queue" (MoCo v1/v2) or "batch" (MoCo v3: the other keys of the global batch).
+      symmetric: also contrast view2's query with view1's key and add the two losses.
+      weight_decay: L2 coefficient added to the gradients, as PyTorch SGD's `weight_decay` does.
+
+    Variables: `queue` [K, dim] and `queue_ptr` (int) hold the negatives; `momentum` holds m.
+    """
+
+    def __init__(
+        self,
+        backbone,
+        projector,
+        *,
+        queue_size=65536,
+        momentum=0.999,
+        temperature=0.07,
+        momentum_scope="full",
+        negatives="queue",
+        symmetric=False,
+        weight_decay=0.0,
+        name="moco",
+        **kwargs,
+    ):
+        super().__init__(name=name, **kwargs)
+        if momentum_scope not in SCOPES:
+            raise ValueError(f"momentum_scope must be one of {SCOPES}, got {momentum_scope!r}")
+        if negatives not in NEGATIVES:
+            raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
+        self.backbone, self.projector = backbone, projector
+        self.queue_size, self.temperature = queue_size, temperature
+        self.momentum_scope, self.negatives, self.symmetric = momentum_scope, negatives, symmetric
+        self.weight_decay = weight_decay
+        dim = projector.output_shape[-1]
+
+        # Key encoder: a copy of the query encoder (or of its projector only), updated by EMA.
+        self.key_backbone = _clone(backbone, "key_backbone") if momentum_scope == "full" else None
+        self.key_projector = _clone(projector, "key_projector") if momentum_scope != "none" else None
+        key_parts = [m for m in (self.key_backbone, self.key_projector) if m is not None]
+        query_parts = [backbone, projector][-len(key_parts):] if key_parts else []
+        # Pairs captured before freezing: both lists are in the same (architecture) order.
+        self._ema_targets = [v for m in key_parts for v in m.trainable_weights]
+        self._ema_sources = [v for m in query_parts for v in m.trainable_weights]
+        for m in key_parts:
+            _freeze_variables(m)
+
+        self.momentum = self.add_weight(
+            shape=(), initializer=keras.initializers.Constant(momentum), trainable=False,
+            name="momentum",
+        )
+        if negatives == "queue":
+            self.queue = self.add_weight(
+                shape=(queue_size, dim), initializer=_normalized_queue, trainable=False,
+                name="queue",
+            )
+            self.queue_ptr = self.add_weight(
+                shape=(), dtype="int32", initializer="zeros", trainable=False, name="queue_ptr"
+            )
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.top1_tracker = keras.metrics.Mean(name="top1")
+        self.built = True
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.top1_tracker]
+
+    def call(self, images, training=False):
+        """Query-backbone features [B, D] of images [B, H, W, C]."""
+        return self.backbone(images, training=training)
+
+    # --- the method ---------------------------------------------------------------------------
+
+    def _query(self, features):
+        return tf.math.l2_normalize(tf.cast(self.projector(features, training=True), tf.float32), 1)
+
+    def _key(self, images, features):
+        """Keys k for `images`; `features` are the online backbone's features of the same images."""
+        if self.momentum_scope == "full":
+            out = self.key_projector(self.key_backbone(images, training=True), training=True)
+        elif self.momentum_scope == "projector":
+            out = self.key_projector(tf.stop_gradient(features), training=True)
+        else:  # "none": the online encoder, with gradients
+            return tf.math.l2_normalize(
+                tf.cast(self.projector(features, training=True), tf.float32), 1
+            )
+        return tf.stop_gradient(tf.math.l2_normalize(tf.cast(out, tf.float32), 1))
+
+    def _contrast(self, q, k):
+        """Per-example InfoNCE loss [N] and contrastive top-1 hits [N] for queries q, keys k."""
+        if self.negatives == "queue":
+            loss, logits = losses.info_nce_queue(q, k, self.queue, self.temperature)
+            labels = tf.zeros(tf.shape(q)[:1], tf.int64)
+        else:
+            all_keys, offset = distribute.gather_with_offset(k)
+            loss, logits, labels = losses.info_nce_batch(q, all_keys, self.temperature, offset)
+            labels = tf.cast(labels, tf.int64)
+        hits = tf.cast(tf.equal(tf.argmax(logits, axis=1), labels), tf.float32)
+        return loss, hits
+
+    def train_step(self, data):
+        views, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        x1, x2 = views["view1"], views["view2"]
+        with tf.GradientTape() as tape:
+            # Query encoder on view 1 (and view 2 when the loss is symmetric or keys need h2).
+            h1 = self.backbone(x1, training=True)
+            needs_h2 = self.symmetric or self.momentum_scope != "full"
+            h2 = self.backbone(x2, training=True) if needs_h2 else None
+            q1 = self._query(h1)
+            # Key encoder on view 2: momentum encoder (no gradient) or the online one (scope none).
+            k2 = self._key(x2, h2)
+            # InfoNCE: positives k+, negatives from the queue as it was before this batch.
+            loss, hits = self._contrast(q1, k2)
+            if self.symmetric:
+                loss_2, hits_2 = self._contrast(self._query(h2), self._key(x1, h1))
+                loss, hits = loss + loss_2, (hits + hits_2) / 2
+            # Average over the global batch: gradients are summed across replicas.
+            scaled_loss = tf.nn.compute_average_loss(loss)
+            scaled_loss = self.optimizer.scale_loss(scaled_loss)
+
+        # Optimizer step on the query encoder only.
+        variables = self.trainable_variables
+        grads = tape.gradient(scaled_loss, variables)
+        if self.weight_decay:
+            grads = [g + self.weight_decay * tf.cast(v, g.dtype) for g, v in zip(grads, variables)]
+        self.optimizer.apply_gradients(zip(grads, variables))
+
+        # Momentum update of the key encoder: theta_k <- m * theta_k + (1 - m) * theta_q.
+        momentum_lib.ema_update(self._ema_targets, self._ema_sources, self.momentum)
+
+        # Enqueue the global batch's keys of one view only (after both losses, so no positive leaks).
+        if self.negatives == "queue":
+            self._enqueue(distribute.all_gather(k2))
+
+        self.loss_tracker.update_state(tf.reduce_mean(loss))
+        self.top1_tracker.update_state(tf.reduce_mean(hits))
+        return {
+            "loss": self.loss_tracker.result(),
+            "top1": self.top1_tracker.result(),
+            "momentum": tf.identity(self.momentum),
+            "lr": tf.cast(self.optimizer.learning_rate, tf.float32),
+        }
+
+    def _enqueue(self, keys):
+        """Writes keys [M, dim] at the queue pointer, oldest keys first out (a ring buffer)."""
+        n = tf.shape(keys)[0]
+        rows = (self.queue_ptr + tf.range(n, dtype=tf.int32)) % self.queue_size
+        self.queue.assign(
+            tf.tensor_scatter_nd_update(self.queue, rows[:, None], tf.cast(keys, self.queue.dtype))
+        )
+        self.queue_ptr.assign((self.queue_ptr + n) % self.queue_size)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "backbone": keras.saving.serialize_keras_object(self.backbone),
+            "projector": keras.saving.serialize_keras_object(self.projector),
+            "queue_size": self.queue_size,
+            "momentum": float(self.momentum.numpy()),
+            "temperature": self.temperature,
+            "momentum_scope": self.momentum_scope,
+            "negatives": self.negatives,
+            "symmetric": self.symmetric,
+            "weight_decay": self.weight_decay,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        for key in ("backbone", "projector"):
+            config[key] = keras.saving.deserialize_keras_object(config[key])
+        return cls(**config)
