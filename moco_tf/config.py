@@ -72,6 +72,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.eval.knn_ks = (200, 20)
     c.eval.knn_temperature = 0.1
     c.eval.batch_size = 512
+    c.eval.raw_pixel_baseline = False  # also report kNN on raw pixels (small datasets)
     c.eval.export = True
     return c
 

@@ -1,0 +1,137 @@
+"""Export: SavedModel serving signature (checked in a fresh process) and .keras round trip."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+from moco_tf import export
+
+IMAGE_SHAPE = (12, 12, 3)
+
+
+def _backbone():
+    """Small Functional backbone whose BN statistics are far from the defaults (0 mean, 1 var),
+    so serving in training mode or losing the moving stats would change the features."""
+    inputs = keras.Input(IMAGE_SHAPE)
+    x = keras.layers.Rescaling(2.0, offset=-1.0)(inputs)
+    x = keras.layers.Conv2D(8, 3, padding="same")(x)
+    bn = keras.layers.BatchNormalization()
+    x = bn(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, x, name="backbone")
+    rng = np.random.default_rng(0)
+    bn.moving_mean.assign(rng.normal(0.0, 0.5, size=8).astype(np.float32))
+    bn.moving_variance.assign(rng.uniform(0.2, 3.0, size=8).astype(np.float32))
+    bn.gamma.assign(rng.uniform(0.5, 2.0, size=8).astype(np.float32))
+    bn.beta.assign(rng.normal(0.0, 0.5, size=8).astype(np.float32))
+    return model
+
+
+def _images(n, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(n, *IMAGE_SHAPE), dtype=np.uint8)
+
+
+def _in_memory(model, images):
+    return model(images.astype(np.float32) / 255.0, training=False).numpy()
+
+
+@pytest.fixture
+def exported(tmp_path):
+    model = _backbone()
+    export_dir = export.export_backbone(model, str(tmp_path / "export"), image_shape=IMAGE_SHAPE)
+    return model, export_dir
+
+
+def test_saved_model_serves_in_a_fresh_process(exported, tmp_path):
+    model, export_dir = exported
+    assert os.path.isdir(os.path.join(export_dir, "saved_model"))
+    images = _images(7)
+    np.save(tmp_path / "images.npy", images)
+    # Only TensorFlow in the child: the SavedModel must not need moco_tf or the Python objects.
+    script = textwrap.dedent(
+        f"""
+        import os, numpy as np, tensorflow as tf
+        out = {str(tmp_path)!r}
+        loaded = tf.saved_model.load({os.path.join(export_dir, "saved_model")!r})
+        serve = loaded.signatures["serving_default"]
+        images = tf.constant(np.load(os.path.join(out, "images.npy")))
+        np.save(os.path.join(out, "out7.npy"), serve(images=images)["features"].numpy())
+        np.save(os.path.join(out, "out1.npy"), serve(images=images[:1])["features"].numpy())
+        floats = tf.cast(images, tf.float32) / 255.0
+        feats = loaded.features_from_float(floats)["features"]
+        np.save(os.path.join(out, "outf.npy"), feats.numpy())
+        """
+    )
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, capture_output=True)
+
+    expected = _in_memory(model, images)
+    out7, out1 = np.load(tmp_path / "out7.npy"), np.load(tmp_path / "out1.npy")
+    assert out7.shape == (7, 8) and out7.dtype == np.float32
+    np.testing.assert_allclose(out7, expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(out1, expected[:1], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.load(tmp_path / "outf.npy"), expected, rtol=0, atol=1e-5)
+    # Sanity: inference mode matters for this backbone (training-mode BN gives other features).
+    train_mode = model(images.astype(np.float32) / 255.0, training=True).numpy()
+    assert np.abs(train_mode - expected).max() > 1e-2
+
+
+def test_load_serving_helper(exported):
+    model, export_dir = exported
+    images = _images(3, seed=1)
+    features = export.load_serving(export_dir)
+    np.testing.assert_allclose(features(images).numpy(), _in_memory(model, images), atol=1e-5)
+
+
+def test_load_backbone_round_trip(exported):
+    model, export_dir = exported
+    x = _images(5, seed=2).astype(np.float32) / 255.0
+    for path in (export_dir, os.path.join(export_dir, "backbone.keras")):
+        loaded = export.load_backbone(path)
+        assert not loaded.trainable
+        np.testing.assert_allclose(
+            loaded(x, training=False).numpy(), model(x, training=False).numpy(), atol=1e-6
+        )
+    with pytest.raises(FileNotFoundError):
+        export.load_backbone(os.path.join(export_dir, "missing.keras"))
+
+
+def _fit_one_step(backbone):
+    """Backbone as a layer under a linear head; one SGD step. Returns (backbone, head) weights
+    before and after."""
+    inputs = keras.Input(IMAGE_SHAPE)
+    head = keras.layers.Dense(2)
+    model = keras.Model(inputs, head(backbone(inputs)))
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+    x = _images(8, seed=3).astype(np.float32) / 255.0
+    y = np.random.default_rng(4).normal(size=(8, 2)).astype(np.float32)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)  # builds the head, then one step
+    before = ([w.numpy() for w in backbone.weights], [w.numpy() for w in head.weights])
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    after = ([w.numpy() for w in backbone.weights], [w.numpy() for w in head.weights])
+    return before, after
+
+
+def _changed(before, after):
+    return [not np.array_equal(b, a) for b, a in zip(before, after)]
+
+
+def test_load_backbone_fine_tunes_or_stays_frozen(exported):
+    _, export_dir = exported
+    (bb_before, head_before), (bb_after, head_after) = _fit_one_step(
+        export.load_backbone(export_dir, trainable=True)
+    )
+    assert all(_changed(head_before, head_after))
+    assert any(_changed(bb_before, bb_after))  # conv kernel / BN weights moved
+
+    (bb_before, head_before), (bb_after, head_after) = _fit_one_step(
+        export.load_backbone(export_dir, trainable=False)
+    )
+    assert all(_changed(head_before, head_after))  # the step did happen
+    # Frozen: no weight moves, BN moving statistics included (frozen BN runs in inference mode).
+    assert not any(_changed(bb_before, bb_after))
