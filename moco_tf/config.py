@@ -19,6 +19,9 @@ def defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.deterministic = False
+    # mixed_bfloat16 was 2.3x faster than float32 for a ResNet-18 (width 32) step on this CPU;
+    # the queue, logits, loss and EMA stay float32 either way.
+    c.precision = "float32"  # float32 | mixed_bfloat16 | mixed_float16
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "fashion_mnist"  # fashion_mnist | tfds | image_folder | synthetic
@@ -42,6 +45,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.backbone = "resnet18"  # resnet18 | resnet50 | small_cnn
     c.model.cifar_stem = True  # 3x3 stride-1 conv1, no max-pool: for 28-32 px images
+    c.model.width = 64  # ResNet channels of conv1/layer1 (64 = torchvision); 32 is ~4x cheaper
     c.model.norm = "split_bn"  # bn | split_bn (shuffle-BN emulation on one device)
     c.model.split_bn_groups = 8
     c.model.projector = "mlp"  # linear (v1) | mlp (v2)
@@ -78,6 +82,7 @@ def defaults() -> ml_collections.ConfigDict:
 
 
 _CHOICES = {
+    "precision": ("float32", "mixed_bfloat16", "mixed_float16"),
     "data.source": ("fashion_mnist", "tfds", "image_folder", "synthetic"),
     "data.augmentation": ("moco_v1", "moco_v2"),
     "model.backbone": ("resnet18", "resnet50", "small_cnn"),

@@ -53,11 +53,15 @@ def learning_rate(config, total_steps, epoch_steps):
 
 
 def build_model(config, total_steps=1, epoch_steps=1) -> MoCo:
-    """A compiled MoCo model (query encoder, key encoder, queue) as the config describes."""
+    """A compiled MoCo model (query encoder, key encoder, queue) as the config describes.
+
+    Sets the global Keras dtype policy to `config.precision` first.
+    """
+    keras.mixed_precision.set_global_policy(config.precision)
     d, m = config.data, config.model
     backbone = backbones.build_backbone(
         m.backbone, (d.image_size, d.image_size, d.channels), cifar_stem=m.cifar_stem,
-        norm=m.norm, split_bn_groups=m.split_bn_groups, mean=d.mean, std=d.std,
+        norm=m.norm, split_bn_groups=m.split_bn_groups, mean=d.mean, std=d.std, width=m.width,
     )
     feature_dim = backbone.output_shape[-1]
     projector = heads.build_projector(
@@ -132,7 +136,7 @@ def train_and_evaluate(config, workdir):
 
     history = model.fit(
         train_ds, epochs=config.train.epochs, steps_per_epoch=epoch_steps,
-        callbacks=callbacks, verbose=config.train.verbose,
+        callbacks=callbacks, verbose=config.train.verbose, shuffle=False,  # tf.data shuffles
     )
 
     results = {
