@@ -19,11 +19,15 @@ def get_config(variant=""):
     c.data.image_size = 28
     c.data.channels = 1
     c.data.augmentation = "moco_v2"
-    c.data.crop_scale = (0.2, 1.0)
+    c.data.crop_scale = (0.3, 1.0)  # milder than ImageNet's 0.2 for 28 px and 12 epochs (pilots)
     c.data.mean = (0.2860,)  # Fashion-MNIST training-set statistics
     c.data.std = (0.3530,)
 
+    c.precision = "mixed_bfloat16"  # 2.3x float32's speed on this CPU
+
+    # Width 16 (channels 16-32-64-128): at equal wall time it beat width 32 (pilots in README).
     c.model.backbone = "resnet18"
+    c.model.width = 16
     c.model.cifar_stem = True
     c.model.norm = "split_bn"
     c.model.split_bn_groups = 8
@@ -32,18 +36,19 @@ def get_config(variant=""):
     c.moco.dim = 128
     c.moco.queue_size = 4096
     c.moco.momentum = 0.99
-    c.moco.temperature = 0.2
+    c.moco.temperature = 0.1  # as the official CIFAR demo; beat 0.2 in the pilots
 
-    c.train.epochs = 10
+    c.train.epochs = 12  # 234 steps each at ~480 img/s: ~25 minutes of training
     c.train.batch_size = 256
-    c.train.base_learning_rate = 0.06  # lr = 0.06 * batch_size / 256
+    c.train.base_learning_rate = 0.03  # lr = 0.03 * batch_size / 256
     c.train.lr_schedule = "cosine"
     c.train.weight_decay = 5e-4
 
-    c.eval.knn_every_epochs = 2
+    c.eval.knn_every_epochs = 3
     c.eval.raw_pixel_baseline = True
 
     if variant == "smoke":
+        c.precision = "float32"
         c.model.backbone = "small_cnn"
         c.moco.queue_size = 256
         c.train.epochs = 2

@@ -21,3 +21,13 @@ def gather_with_offset(x):
         return x, 0
     offset = tf.shape(x)[0] * tf.cast(ctx.replica_id_in_sync_group, tf.int32)
     return ctx.all_gather(x, axis=0), offset
+
+
+def batch_shuffle(x, seed):
+    """Permutes x [N, ...] along the batch (shuffle-BN); returns (shuffled x, inverse permutation).
+
+    The permutation is a pure function of `seed` (int [2]), so a resumed run shuffles identically.
+    Undo with `tf.gather(y, inverse)`.
+    """
+    perm = tf.argsort(tf.random.stateless_uniform(tf.shape(x)[:1], seed))
+    return tf.gather(x, perm), tf.argsort(perm)

@@ -71,6 +71,7 @@ def build_model(config, total_steps=1, epoch_steps=1) -> MoCo:
     model = MoCo(
         backbone, projector, queue_size=config.moco.queue_size, momentum=config.moco.momentum,
         temperature=config.moco.temperature, weight_decay=config.train.weight_decay,
+        seed=config.seed,
     )
     optimizer = keras.optimizers.SGD(
         learning_rate(config, total_steps, epoch_steps), momentum=config.train.sgd_momentum

@@ -10,6 +10,8 @@ import pytest  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _seed():
+    # build_model sets the global dtype policy from config.precision; start every test at float32.
+    keras.mixed_precision.set_global_policy("float32")
     keras.utils.set_random_seed(0)
     yield
     keras.backend.clear_session()

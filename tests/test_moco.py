@@ -5,16 +5,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from moco_tf import losses, momentum
+from moco_tf import distribute, losses, momentum
+from moco_tf.models.backbones import SplitBatchNorm
 from moco_tf.models.contrastive import MoCo
 
 B, K, DIM = 4, 8, 3
 
 
-def tiny_encoder():
+def tiny_encoder(norm=keras.layers.BatchNormalization):
     inputs = keras.Input((8, 8, 1))
     x = keras.layers.Conv2D(4, 3, padding="same")(inputs)
-    x = keras.layers.BatchNormalization()(x)
+    x = norm()(x)
     x = keras.layers.ReLU()(x)
     backbone = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x), name="backbone")
     feats = keras.Input((4,))
@@ -22,8 +23,8 @@ def tiny_encoder():
     return backbone, projector
 
 
-def make_model(lr=0.1, m=0.5, **kwargs):
-    backbone, projector = tiny_encoder()
+def make_model(lr=0.1, m=0.5, norm=keras.layers.BatchNormalization, **kwargs):
+    backbone, projector = tiny_encoder(norm)
     model = MoCo(backbone, projector, queue_size=K, momentum=m, temperature=0.2, **kwargs)
     model.compile(optimizer=keras.optimizers.SGD(lr))
     return model
@@ -120,6 +121,30 @@ def test_logits_use_the_queue_before_the_current_keys_are_enqueued():
     assert abs(expected - leaked) > 1e-3  # the two orders are distinguishable
     np.testing.assert_allclose(logs["loss"], expected, rtol=1e-5)
     np.testing.assert_allclose(model.queue.numpy()[:B], k, atol=1e-5)
+
+
+def test_batch_shuffle_is_undone_by_the_inverse_and_depends_on_the_seed():
+    x = tf.range(10)
+    shuffled, inverse = distribute.batch_shuffle(x, tf.constant([1, 2], tf.int64))
+    assert sorted(shuffled.numpy()) == list(range(10)) and list(shuffled.numpy()) != list(range(10))
+    np.testing.assert_array_equal(tf.gather(shuffled, inverse).numpy(), x.numpy())
+    again, _ = distribute.batch_shuffle(x, tf.constant([1, 2], tf.int64))
+    other, _ = distribute.batch_shuffle(x, tf.constant([1, 3], tf.int64))
+    np.testing.assert_array_equal(again.numpy(), shuffled.numpy())
+    assert list(other.numpy()) != list(shuffled.numpy())
+
+
+def test_shuffle_bn_the_key_encoder_normalises_a_shuffled_batch():
+    # With BN over 2 sub-batches, a key depends on which images share its sub-batch: the keys the
+    # step enqueues must be those of the shuffled batch (un-shuffled back to the query order).
+    model = make_model(m=1.0, norm=lambda: SplitBatchNorm(num_splits=2), seed=3)
+    data = batch(4)
+    model.train_on_batch(data)  # step 0: seed (2 * 3 + 0, 0)
+    shuffled, inverse = distribute.batch_shuffle(data["view2"], tf.constant([6, 0], tf.int64))
+    expected = tf.gather(key_of(model, shuffled), inverse).numpy()
+    unshuffled = key_of(model, data["view2"])
+    assert np.abs(expected - unshuffled).max() > 1e-3  # the sub-batches really differ
+    np.testing.assert_allclose(model.queue.numpy()[:B], expected, atol=1e-5)
 
 
 def test_info_nce_equals_a_hand_computation():

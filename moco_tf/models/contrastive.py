@@ -58,6 +58,7 @@ class MoCo(keras.Model):
       negatives: "queue" (MoCo v1/v2) or "batch" (MoCo v3: the other keys of the global batch).
       symmetric: also contrast view2's query with view1's key and add the two losses.
       weight_decay: L2 coefficient added to the gradients, as PyTorch SGD's `weight_decay` does.
+      seed: seeds the shuffle-BN permutation of the key batch (a function of seed and step).
 
     Variables: `queue` [K, dim] and `queue_ptr` (int) hold the negatives; `momentum` holds m.
     """
@@ -74,6 +75,7 @@ class MoCo(keras.Model):
         negatives="queue",
         symmetric=False,
         weight_decay=0.0,
+        seed=0,
         name="moco",
         **kwargs,
     ):
@@ -85,7 +87,7 @@ class MoCo(keras.Model):
         self.backbone, self.projector = backbone, projector
         self.queue_size, self.temperature = queue_size, temperature
         self.momentum_scope, self.negatives, self.symmetric = momentum_scope, negatives, symmetric
-        self.weight_decay = weight_decay
+        self.weight_decay, self.seed = weight_decay, int(seed)
         dim = projector.output_shape[-1]
 
         # Key encoder: a copy of the query encoder (or of its projector only), updated by EMA.
@@ -128,10 +130,16 @@ class MoCo(keras.Model):
     def _query(self, features):
         return tf.math.l2_normalize(tf.cast(self.projector(features, training=True), tf.float32), 1)
 
-    def _key(self, images, features):
+    def _key(self, images, features, view=0):
         """Keys k for `images`; `features` are the online backbone's features of the same images."""
         if self.momentum_scope == "full":
-            out = self.key_projector(self.key_backbone(images, training=True), training=True)
+            # Shuffle-BN: the key encoder sees the batch in another order, so its BN (sub-)batches
+            # hold other images than the query's and BN statistics cannot reveal the positive.
+            step = tf.cast(self.optimizer.iterations, tf.int64)
+            seed = tf.stack([tf.constant(self.seed, tf.int64) * 2 + view, step])
+            shuffled, unshuffle = distribute.batch_shuffle(images, seed)
+            out = self.key_projector(self.key_backbone(shuffled, training=True), training=True)
+            out = tf.gather(out, unshuffle)
         elif self.momentum_scope == "projector":
             out = self.key_projector(tf.stop_gradient(features), training=True)
         else:  # "none": the online encoder, with gradients
@@ -166,7 +174,7 @@ class MoCo(keras.Model):
             # InfoNCE: positives k+, negatives from the queue as it was before this batch.
             loss, hits = self._contrast(q1, k2)
             if self.symmetric:
-                loss_2, hits_2 = self._contrast(self._query(h2), self._key(x1, h1))
+                loss_2, hits_2 = self._contrast(self._query(h2), self._key(x1, h1, view=1))
                 loss, hits = loss + loss_2, (hits + hits_2) / 2
             # Average over the global batch: gradients are summed across replicas.
             scaled_loss = tf.nn.compute_average_loss(loss)
@@ -216,6 +224,7 @@ class MoCo(keras.Model):
             "negatives": self.negatives,
             "symmetric": self.symmetric,
             "weight_decay": self.weight_decay,
+            "seed": self.seed,
         }
 
     @classmethod
