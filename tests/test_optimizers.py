@@ -1,0 +1,37 @@
+"""LARS against a hand computation of the moco-v3 update."""
+
+import keras
+import numpy as np
+import pytest
+
+from moco_tf.optimizers import LARS
+
+
+def test_lars_matches_a_hand_computation_and_excludes_vectors():
+    w0 = np.array([[3.0, 4.0]], "float32")  # ||w|| = 5
+    b0 = np.array([1.0, -1.0], "float32")  # ndim 1: no trust ratio, no weight decay
+    w, b = keras.Variable(w0), keras.Variable(b0)
+    g_w, g_b = np.array([[0.6, 0.8]], "float32"), np.array([0.5, 0.25], "float32")
+    opt = LARS(learning_rate=0.1, momentum=0.9, weight_decay=0.1, trust_coefficient=0.001)
+    mu_w, mu_b = np.zeros_like(w0), np.zeros_like(b0)
+    for _ in range(2):
+        w_now, b_now = w.numpy(), b.numpy()
+        opt.apply_gradients([(g_w, w), (g_b, b)])
+        d = g_w + 0.1 * w_now
+        d = d * (0.001 * np.linalg.norm(w_now) / np.linalg.norm(d))
+        mu_w, mu_b = 0.9 * mu_w + d, 0.9 * mu_b + g_b
+        np.testing.assert_allclose(w.numpy(), w_now - 0.1 * mu_w, rtol=1e-5)
+        np.testing.assert_allclose(b.numpy(), b_now - 0.1 * mu_b, rtol=1e-5)
+
+
+def test_lars_zero_weights_use_a_trust_ratio_of_one():
+    w = keras.Variable(np.zeros((2, 2), "float32"))
+    LARS(learning_rate=1.0, momentum=0.0).apply_gradients([(np.ones((2, 2), "float32"), w)])
+    np.testing.assert_allclose(w.numpy(), -np.ones((2, 2)))
+
+
+def test_lars_config_round_trip():
+    opt = LARS(learning_rate=0.5, momentum=0.8, weight_decay=1e-6, trust_coefficient=0.002)
+    again = LARS.from_config(opt.get_config())
+    assert again.lars_weight_decay == pytest.approx(1e-6)
+    assert (again.momentum, again.trust_coefficient) == (0.8, 0.002)
