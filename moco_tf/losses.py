@@ -27,19 +27,26 @@ def info_nce_queue(query, key, queue, temperature):
     return loss, logits
 
 
-def info_nce_batch(query, keys, temperature, offset=0):
+def info_nce_batch(query, keys, temperature, offset=0, same_view_keys=None):
     """InfoNCE with in-batch negatives (MoCo v3): query i's positive is key `offset + i`.
 
     Args:
       query: [N, C] L2-normalised queries of this replica.
-      keys: [M, C] L2-normalised keys of the whole global batch (M = N * replicas).
+      keys: [M, C] L2-normalised keys of the other view, whole global batch (M = N * replicas).
       temperature: T.
       offset: index of this replica's first key in `keys`.
+      same_view_keys: optional [M, C] keys of the query's own view, added as negatives except the
+        query's own image (SimCLR's NT-Xent: 2M - 2 negatives).
 
     Returns:
-      (loss [N], logits [N, M], labels [N]).
+      (loss [N], logits [N, M] or [N, 2M], labels [N]).
     """
     logits = tf.matmul(query, keys, transpose_b=True) / temperature
     labels = tf.range(tf.shape(query)[0], dtype=tf.int32) + tf.cast(offset, tf.int32)
+    if same_view_keys is not None:
+        same = tf.matmul(query, same_view_keys, transpose_b=True) / temperature
+        own = tf.one_hot(labels, tf.shape(same)[1], on_value=True, off_value=False)
+        same = tf.where(own, tf.constant(-1e9, same.dtype), same)  # never its own image
+        logits = tf.concat([logits, same], axis=1)
     loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
     return loss, logits, labels

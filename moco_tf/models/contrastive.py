@@ -9,7 +9,7 @@ import tensorflow as tf
 from moco_tf import distribute, losses, momentum as momentum_lib
 
 SCOPES = ("full", "projector", "none")
-NEGATIVES = ("queue", "batch")
+NEGATIVES = ("queue", "batch", "batch_both_views")
 
 
 def _clone(model, name):
@@ -55,8 +55,11 @@ class MoCo(keras.Model):
       momentum_scope: "full" (MoCo: EMA of backbone + projector), "projector" (Pham et al.: EMA of the
         projector only, keys from the shared backbone's features, one backbone pass per view), or
         "none" (keys from the online encoder, SimCLR-style).
-      negatives: "queue" (MoCo v1/v2) or "batch" (MoCo v3: the other keys of the global batch).
+      negatives: "queue" (MoCo v1/v2), "batch" (MoCo v3: the other view's keys of the global
+        batch) or "batch_both_views" (SimCLR's NT-Xent: the keys of both views, 2N - 2 negatives).
       symmetric: also contrast view2's query with view1's key and add the two losses.
+      predictor: optional keras.Model [B, dim] -> [B, dim] on the query side only (MoCo v3).
+      loss_scale: multiplies the loss (MoCo v3 uses 2T).
       weight_decay: L2 coefficient added to the gradients, as PyTorch SGD's `weight_decay` does.
       seed: seeds the shuffle-BN permutation of the key batch (a function of seed and step).
 
@@ -74,6 +77,8 @@ class MoCo(keras.Model):
         momentum_scope="full",
         negatives="queue",
         symmetric=False,
+        predictor=None,
+        loss_scale=1.0,
         weight_decay=0.0,
         seed=0,
         name="moco",
@@ -87,6 +92,7 @@ class MoCo(keras.Model):
         self.backbone, self.projector = backbone, projector
         self.queue_size, self.temperature = queue_size, temperature
         self.momentum_scope, self.negatives, self.symmetric = momentum_scope, negatives, symmetric
+        self.predictor, self.loss_scale = predictor, loss_scale
         self.weight_decay, self.seed = weight_decay, int(seed)
         dim = projector.output_shape[-1]
 
@@ -128,7 +134,10 @@ class MoCo(keras.Model):
     # --- the method ---------------------------------------------------------------------------
 
     def _query(self, features):
-        return tf.math.l2_normalize(tf.cast(self.projector(features, training=True), tf.float32), 1)
+        z = self.projector(features, training=True)
+        if self.predictor is not None:
+            z = self.predictor(z, training=True)
+        return tf.math.l2_normalize(tf.cast(z, tf.float32), 1)
 
     def _key(self, images, features, view=0):
         """Keys k for `images`; `features` are the online backbone's features of the same images."""
@@ -148,14 +157,22 @@ class MoCo(keras.Model):
             )
         return tf.stop_gradient(tf.math.l2_normalize(tf.cast(out, tf.float32), 1))
 
-    def _contrast(self, q, k):
-        """Per-example InfoNCE loss [N] and contrastive top-1 hits [N] for queries q, keys k."""
+    def _contrast(self, q, k, k_same_view=None):
+        """Per-example InfoNCE loss [N] and contrastive top-1 hits [N] for queries q, keys k.
+
+        `k_same_view`: keys of the query's own view, extra negatives for "batch_both_views".
+        """
         if self.negatives == "queue":
             loss, logits = losses.info_nce_queue(q, k, self.queue, self.temperature)
             labels = tf.zeros(tf.shape(q)[:1], tf.int64)
         else:
             all_keys, offset = distribute.gather_with_offset(k)
-            loss, logits, labels = losses.info_nce_batch(q, all_keys, self.temperature, offset)
+            same = None
+            if self.negatives == "batch_both_views":
+                same = distribute.all_gather(k_same_view)
+            loss, logits, labels = losses.info_nce_batch(
+                q, all_keys, self.temperature, offset, same_view_keys=same
+            )
             labels = tf.cast(labels, tf.int64)
         hits = tf.cast(tf.equal(tf.argmax(logits, axis=1), labels), tf.float32)
         return loss, hits
@@ -171,11 +188,13 @@ class MoCo(keras.Model):
             q1 = self._query(h1)
             # Key encoder on view 2: momentum encoder (no gradient) or the online one (scope none).
             k2 = self._key(x2, h2)
+            k1 = self._key(x1, h1, view=1) if self.symmetric else None
             # InfoNCE: positives k+, negatives from the queue as it was before this batch.
-            loss, hits = self._contrast(q1, k2)
+            loss, hits = self._contrast(q1, k2, k1)
             if self.symmetric:
-                loss_2, hits_2 = self._contrast(self._query(h2), self._key(x1, h1, view=1))
+                loss_2, hits_2 = self._contrast(self._query(h2), k1, k2)
                 loss, hits = loss + loss_2, (hits + hits_2) / 2
+            loss = loss * self.loss_scale
             # Average over the global batch: gradients are summed across replicas.
             scaled_loss = tf.nn.compute_average_loss(loss)
             scaled_loss = self.optimizer.scale_loss(scaled_loss)
@@ -223,6 +242,11 @@ class MoCo(keras.Model):
             "momentum_scope": self.momentum_scope,
             "negatives": self.negatives,
             "symmetric": self.symmetric,
+            "predictor": (
+                None if self.predictor is None
+                else keras.saving.serialize_keras_object(self.predictor)
+            ),
+            "loss_scale": self.loss_scale,
             "weight_decay": self.weight_decay,
             "seed": self.seed,
         }
@@ -230,6 +254,7 @@ class MoCo(keras.Model):
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        for key in ("backbone", "projector"):
-            config[key] = keras.saving.deserialize_keras_object(config[key])
+        for key in ("backbone", "projector", "predictor"):
+            if config.get(key) is not None:
+                config[key] = keras.saving.deserialize_keras_object(config[key])
         return cls(**config)

@@ -1,0 +1,122 @@
+"""The momentum-encoder family: each momentum scope and negatives option computes what it claims."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from moco_tf import losses
+from moco_tf.models.contrastive import MoCo
+
+B, DIM = 4, 3
+
+
+class CountCalls(keras.layers.Layer):
+    """Identity that counts how often it is traced into a graph (once per forward pass)."""
+
+    calls = 0
+
+    def call(self, x):
+        CountCalls.calls += 1
+        return x
+
+
+def encoder():
+    inputs = keras.Input((8, 8, 1))
+    x = CountCalls()(inputs)
+    x = keras.layers.Conv2D(4, 3, padding="same")(x)
+    x = keras.layers.BatchNormalization()(x)
+    backbone = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+    feats = keras.Input((4,))
+    return backbone, keras.Model(feats, keras.layers.Dense(DIM)(feats))
+
+
+def make(scope, negatives="queue", symmetric=False, m=0.5, **kwargs):
+    backbone, projector = encoder()
+    model = MoCo(backbone, projector, queue_size=8, momentum=m, temperature=0.5,
+                 momentum_scope=scope, negatives=negatives, symmetric=symmetric, **kwargs)
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    return model
+
+
+def batch(seed=0):
+    rng = np.random.default_rng(seed)
+    return {f"view{i}": rng.uniform(size=(B, 8, 8, 1)).astype("float32") for i in (1, 2)}
+
+
+def forwards_in_one_step(model):
+    CountCalls.calls = 0
+    model.train_on_batch(batch())
+    return CountCalls.calls
+
+
+def test_projector_scope_runs_the_backbone_once_per_view_and_shares_it():
+    model = make("projector", symmetric=True)
+    assert model.key_backbone is None and model.key_projector is not None
+    assert forwards_in_one_step(model) == 2  # h1, h2: no second backbone for the keys
+    full = make("full", symmetric=True)
+    assert forwards_in_one_step(full) == 4  # online x1, x2 + momentum x1, x2
+
+
+def test_projector_scope_key_projector_is_the_ema_of_the_query_projector():
+    model = make("projector", m=0.75)
+    model.train_on_batch(batch(0))
+    k_old = [v.numpy() for v in model.key_projector.weights]
+    model.train_on_batch(batch(1))
+    for k0, q, k in zip(k_old, model.projector.weights, model.key_projector.weights):
+        np.testing.assert_allclose(k.numpy(), 0.75 * k0 + 0.25 * q.numpy(), rtol=1e-5, atol=1e-6)
+    assert len(model._ema_targets) == len(model.projector.trainable_weights)
+
+
+def view2_gradient(model):
+    data = batch(2)
+    x2 = tf.constant(data["view2"])
+    with tf.GradientTape() as tape:
+        tape.watch(x2)
+        h1, h2 = model.backbone(data["view1"], training=True), model.backbone(x2, training=True)
+        loss, _ = model._contrast(model._query(h1), model._key(x2, h2))
+    return tape.gradient(loss, x2)
+
+
+def test_gradients_flow_through_both_views_only_without_momentum():
+    grad = view2_gradient(make("none", negatives="batch"))
+    assert grad is not None and float(tf.reduce_max(tf.abs(grad))) > 0
+    for scope in ("full", "projector"):
+        grad = view2_gradient(make(scope, negatives="batch"))
+        assert grad is None or float(tf.reduce_max(tf.abs(grad))) == 0.0, scope
+
+
+def test_symmetric_loss_with_a_queue_enqueues_each_key_once():
+    model = make("full", symmetric=True, m=1.0)
+    data = batch(3)
+    model.train_on_batch(data)
+    assert int(model.queue_ptr.numpy()) == B  # B keys, not 2B
+    k2 = model.key_projector(model.key_backbone(data["view2"], training=True), training=True)
+    np.testing.assert_allclose(model.queue.numpy()[:B], tf.math.l2_normalize(k2, 1), atol=1e-5)
+
+
+def test_nt_xent_matches_a_hand_computation():
+    rng = np.random.default_rng(0)
+    z1, z2 = (tf.math.l2_normalize(rng.normal(size=(3, 4)).astype("float32"), 1) for _ in range(2))
+    t = 0.5
+    loss, logits, labels = losses.info_nce_batch(z1, z2, t, same_view_keys=z1)
+    z1, z2 = z1.numpy(), z2.numpy()
+    for i in range(3):
+        candidates = [z1[i] @ z2[j] / t for j in range(3)] + [z1[i] @ z1[j] / t for j in range(3) if j != i]
+        hand = -z1[i] @ z2[i] / t + np.log(np.exp(candidates).sum())
+        np.testing.assert_allclose(loss.numpy()[i], hand, rtol=1e-5)
+
+
+def test_predictor_is_on_the_query_side_only_and_loss_scale_multiplies():
+    feats = keras.Input((DIM,))
+    predictor = keras.Model(feats, keras.layers.Dense(DIM)(feats))
+    model = make("full", negatives="batch", symmetric=True, predictor=predictor, loss_scale=0.4)
+    assert any(v is predictor.weights[0] for v in model.trainable_variables)
+    assert not any(v is predictor.weights[0] for v in model._ema_sources)  # no momentum predictor
+    data = batch(4)
+    model.optimizer.learning_rate.assign(0.0)
+    logs = model.train_on_batch(data, return_dict=True)
+    q1 = model._query(model.backbone(data["view1"], training=True))
+    q2 = model._query(model.backbone(data["view2"], training=True))
+    k = lambda x: tf.math.l2_normalize(model.key_projector(model.key_backbone(x, training=True)), 1)
+    hand = losses.info_nce_batch(q1, k(data["view2"]), 0.5)[0] + losses.info_nce_batch(q2, k(data["view1"]), 0.5)[0]
+    np.testing.assert_allclose(logs["loss"], 0.4 * float(tf.reduce_mean(hand)), rtol=1e-4)
