@@ -14,7 +14,7 @@ from moco_tf.config import defaults
 
 
 def get_config(variant=""):
-    if variant not in ("", "runlocal"):
+    if variant not in ("", "runlocal"):  # other configs build on this one
         raise ValueError(f"Unknown variant {variant!r}: use '' (the recipe) or 'runlocal'.")
     c = defaults()
     c.data.source = "tfds"

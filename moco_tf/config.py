@@ -46,16 +46,25 @@ def defaults() -> ml_collections.ConfigDict:
     c.model.backbone = "resnet18"  # resnet18 | resnet50 | small_cnn
     c.model.cifar_stem = True  # 3x3 stride-1 conv1, no max-pool: for 28-32 px images
     c.model.width = 64  # ResNet channels of conv1/layer1 (64 = torchvision); 32 is ~4x cheaper
-    c.model.norm = "split_bn"  # bn | split_bn (shuffle-BN emulation on one device)
+    c.model.norm = "split_bn"  # bn | split_bn (shuffle-BN emulation on one device) | sync_bn
     c.model.split_bn_groups = 8
     c.model.projector = "mlp"  # linear (v1) | mlp (v2)
     c.model.projector_hidden_dim = 0  # 0 = the backbone's feature dim
+    c.model.projector_layers = 2  # mlp: Dense layers (MoCo v3: 3)
+    c.model.projector_bn = False  # mlp: BN on hidden layers + affine-free BN on the output (v3)
+    c.model.predictor_hidden_dim = 0  # > 0 adds the MoCo v3 predictor (query side only)
 
     c.moco = ml_collections.ConfigDict()
     c.moco.dim = 128
     c.moco.queue_size = 4096  # K
     c.moco.momentum = 0.99  # m
     c.moco.temperature = 0.2  # T
+    # The momentum-encoder family (DESIGN §2): one model, these switches.
+    c.moco.momentum_scope = "full"  # full (MoCo) | projector (Pham et al. 2022) | none (SimCLR)
+    c.moco.momentum_schedule = "constant"  # constant | cosine (m -> 1, MoCo v3 / BYOL)
+    c.moco.negatives = "queue"  # queue | batch (MoCo v3) | batch_both_views (SimCLR NT-Xent)
+    c.moco.symmetric = False  # add the loss with the views swapped
+    c.moco.loss_scale = 1.0  # MoCo v3: 2 * T
 
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 1
@@ -65,11 +74,15 @@ def defaults() -> ml_collections.ConfigDict:
     c.train.lr_schedule = "cosine"  # cosine | step | constant
     c.train.lr_decay_epochs = (120, 160)  # step schedule: x0.1 at these epochs
     c.train.warmup_epochs = 0
-    c.train.sgd_momentum = 0.9
+    c.train.optimizer = "sgd"  # sgd | lars (MoCo v3)
+    c.train.sgd_momentum = 0.9  # heavy-ball momentum of SGD and LARS
     c.train.weight_decay = 1e-4
     c.train.steps_per_execution = 1
     c.train.jit_compile = False  # XLA was slower than graph mode on CPU (DESIGN §5)
     c.train.verbose = 1  # Keras progress bar: 0 silent, 1 bar, 2 one line per epoch
+    # Checkpoints in <workdir>/checkpoints, also at every epoch end; re-running resumes exactly.
+    c.train.checkpoint_every_steps = 500  # 0 = only at epoch ends
+    c.train.keep_checkpoints = 3
 
     c.eval = ml_collections.ConfigDict()
     c.eval.knn_every_epochs = 1
@@ -84,10 +97,14 @@ def defaults() -> ml_collections.ConfigDict:
 _CHOICES = {
     "precision": ("float32", "mixed_bfloat16", "mixed_float16"),
     "data.source": ("fashion_mnist", "tfds", "image_folder", "synthetic"),
-    "data.augmentation": ("moco_v1", "moco_v2"),
+    "data.augmentation": ("moco_v1", "moco_v2", "moco_v3"),
     "model.backbone": ("resnet18", "resnet50", "small_cnn"),
-    "model.norm": ("bn", "split_bn"),
+    "model.norm": ("bn", "split_bn", "sync_bn"),
     "model.projector": ("linear", "mlp"),
+    "moco.momentum_scope": ("full", "projector", "none"),
+    "moco.momentum_schedule": ("constant", "cosine"),
+    "moco.negatives": ("queue", "batch", "batch_both_views"),
+    "train.optimizer": ("sgd", "lars"),
     "train.lr_schedule": ("cosine", "step", "constant"),
 }
 
@@ -138,11 +155,21 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     t, m = config.train, config.moco
     if t.batch_size <= 0 or t.epochs <= 0:
         raise ConfigError("'train.batch_size' and 'train.epochs' must be positive.")
-    if m.queue_size % t.batch_size != 0:
+    if t.checkpoint_every_steps < 0 or t.keep_checkpoints < 1:
+        raise ConfigError(
+            "'train.checkpoint_every_steps' must be >= 0 (0 = at epoch ends only) and "
+            "'train.keep_checkpoints' >= 1."
+        )
+    if m.negatives == "queue" and m.queue_size % t.batch_size != 0:
         raise ConfigError(
             f"'moco.queue_size' ({m.queue_size}) must be a multiple of 'train.batch_size' "
             f"({t.batch_size}) so that every batch of keys is enqueued whole; try "
             f"{max(1, m.queue_size // t.batch_size) * t.batch_size}."
+        )
+    if m.momentum_scope == "none" and m.negatives == "queue":
+        raise ConfigError(
+            "'moco.negatives' = 'queue' needs a momentum encoder: keys of an online encoder go "
+            "stale in the queue; use 'batch' or 'batch_both_views' with momentum_scope 'none'."
         )
     if not m.temperature > 0:
         raise ConfigError(f"'moco.temperature' must be > 0, got {m.temperature}.")

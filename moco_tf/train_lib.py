@@ -20,6 +20,7 @@ from moco_tf.data import datasets
 from moco_tf.eval import knn
 from moco_tf.models import backbones, heads
 from moco_tf.models.contrastive import MoCo
+from moco_tf.optimizers import LARS
 
 
 def steps_per_epoch(config) -> int:
@@ -58,29 +59,46 @@ def build_model(config, total_steps=1, epoch_steps=1) -> MoCo:
     Sets the global Keras dtype policy to `config.precision` first.
     """
     keras.mixed_precision.set_global_policy(config.precision)
-    d, m = config.data, config.model
+    d, m, c = config.data, config.model, config.moco
     backbone = backbones.build_backbone(
         m.backbone, (d.image_size, d.image_size, d.channels), cifar_stem=m.cifar_stem,
         norm=m.norm, split_bn_groups=m.split_bn_groups, mean=d.mean, std=d.std, width=m.width,
     )
     feature_dim = backbone.output_shape[-1]
+    head_norm = {"norm": m.norm, "split_bn_groups": m.split_bn_groups}
     projector = heads.build_projector(
-        m.projector, feature_dim, config.moco.dim,
-        hidden_dim=m.projector_hidden_dim or feature_dim,
+        m.projector, feature_dim, c.dim, hidden_dim=m.projector_hidden_dim or feature_dim,
+        **({"num_layers": m.projector_layers, "use_bn": m.projector_bn,
+            "last_bn": m.projector_bn, **head_norm} if m.projector == "mlp" else {}),
     )
+    predictor = None
+    if m.predictor_hidden_dim:
+        predictor = heads.build_predictor(c.dim, c.dim, m.predictor_hidden_dim, **head_norm)
     model = MoCo(
-        backbone, projector, queue_size=config.moco.queue_size, momentum=config.moco.momentum,
-        temperature=config.moco.temperature, weight_decay=config.train.weight_decay,
+        backbone, projector, queue_size=c.queue_size, momentum=c.momentum,
+        temperature=c.temperature, momentum_scope=c.momentum_scope, negatives=c.negatives,
+        symmetric=c.symmetric, predictor=predictor, loss_scale=c.loss_scale,
+        weight_decay=config.train.weight_decay if config.train.optimizer == "sgd" else 0.0,
         seed=config.seed,
     )
-    optimizer = keras.optimizers.SGD(
-        learning_rate(config, total_steps, epoch_steps), momentum=config.train.sgd_momentum
-    )
+    lr = learning_rate(config, total_steps, epoch_steps)
+    if config.train.optimizer == "lars":
+        optimizer = LARS(lr, momentum=config.train.sgd_momentum,
+                         weight_decay=config.train.weight_decay)
+    else:
+        optimizer = keras.optimizers.SGD(lr, momentum=config.train.sgd_momentum)
     model.compile(
         optimizer=optimizer, steps_per_execution=config.train.steps_per_execution,
         jit_compile=config.train.jit_compile,
     )
     return model
+
+
+def momentum_schedule(config, total_steps) -> momentum_lib.MomentumSchedule:
+    """The callback that sets m: constant, or cosine from moco.momentum to 1."""
+    return momentum_lib.MomentumSchedule(
+        config.moco.momentum, config.moco.momentum_schedule, total_steps=total_steps
+    )
 
 
 class _Throughput(keras.callbacks.Callback):
@@ -123,7 +141,7 @@ def train_and_evaluate(config, workdir):
     model = build_model(config, total_steps, epoch_steps)
 
     throughput = _Throughput(epoch_steps * batch)
-    callbacks = [throughput, momentum_lib.MomentumSchedule(config.moco.momentum)]
+    callbacks = [throughput, momentum_schedule(config, total_steps)]
     monitor = None
     if config.eval.knn_every_epochs:
         bank = data_lib.eval_dataset(config.data, config.data.train_split, config.eval.batch_size)

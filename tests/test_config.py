@@ -12,13 +12,18 @@ from moco_tf import config as config_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from configs import fashion_mnist, moco_v1, moco_v2  # noqa: E402
+from configs import (  # noqa: E402
+    fashion_mnist, moco_v1, moco_v2, moco_v3, projector_momentum, simclr, simclr_momentum,
+)
+
+METHODS = (moco_v3, simclr, simclr_momentum, projector_momentum)
 
 
 @pytest.mark.parametrize(
     "module,variant",
     [(fashion_mnist, ""), (fashion_mnist, "smoke"), (moco_v1, ""), (moco_v1, "runlocal"),
-     (moco_v2, ""), (moco_v2, "runlocal")],
+     (moco_v2, ""), (moco_v2, "runlocal")]
+    + [(m, v) for m in METHODS for v in ("", "runlocal", "fashion_mnist")],
 )
 def test_shipped_configs_are_valid_and_have_the_required_keys(module, variant):
     c = module.get_config(variant)
@@ -38,6 +43,28 @@ def test_moco_v1_and_v2_recipes_differ_where_the_papers_do():
     assert (v1.train.lr_schedule, v2.train.lr_schedule) == ("step", "cosine")
     assert v1.moco.queue_size == v2.moco.queue_size == 65536
     assert v1.moco.momentum == v2.moco.momentum == 0.999
+
+
+def test_method_configs_set_the_switches_of_their_paper():
+    switches = lambda c: (c.moco.momentum_scope, c.moco.negatives, c.moco.symmetric)
+    assert switches(simclr.get_config()) == ("none", "batch_both_views", True)
+    assert switches(simclr_momentum.get_config()) == ("full", "batch_both_views", True)
+    assert switches(projector_momentum.get_config()) == ("projector", "batch_both_views", True)
+    v3 = moco_v3.get_config()
+    assert switches(v3) == ("full", "batch", True)
+    assert (v3.moco.loss_scale, v3.moco.momentum_schedule, v3.train.optimizer) == (2.0, "cosine", "lars")
+    # The study's variants differ from the quickstart only in the method switches.
+    base = fashion_mnist.get_config()
+    for m in (simclr, simclr_momentum, projector_momentum):
+        c = m.get_config("fashion_mnist")
+        assert (c.data, c.train, c.model) == (base.data, base.train, base.model)
+
+
+def test_a_queue_without_a_momentum_encoder_is_refused():
+    c = config_lib.defaults()
+    c.moco.momentum_scope = "none"
+    with pytest.raises(config_lib.ConfigError, match="needs a momentum encoder"):
+        config_lib.validate(c)
 
 
 def test_unknown_variant_is_refused():

@@ -120,3 +120,24 @@ def test_predictor_is_on_the_query_side_only_and_loss_scale_multiplies():
     k = lambda x: tf.math.l2_normalize(model.key_projector(model.key_backbone(x, training=True)), 1)
     hand = losses.info_nce_batch(q1, k(data["view2"]), 0.5)[0] + losses.info_nce_batch(q2, k(data["view1"]), 0.5)[0]
     np.testing.assert_allclose(logs["loss"], 0.4 * float(tf.reduce_mean(hand)), rtol=1e-4)
+
+
+def test_every_method_config_trains_a_few_steps_with_finite_loss():
+    import sys, os  # noqa: E401
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from configs import moco_v1, moco_v2, moco_v3, projector_momentum, simclr, simclr_momentum
+    from moco_tf import data, train_lib
+
+    for module in (moco_v1, moco_v2, moco_v3, simclr, simclr_momentum, projector_momentum):
+        c = module.get_config("runlocal")
+        c.model.backbone, c.data.image_size = "small_cnn", 16  # the recipe's switches, tiny model
+        c.model.projector_hidden_dim = 32
+        if c.model.predictor_hidden_dim:
+            c.model.predictor_hidden_dim = 32
+        model = train_lib.build_model(c, total_steps=4, epoch_steps=2)
+        history = model.fit(data.train_dataset(c.data, c.train.batch_size, 0), epochs=2,
+                            steps_per_epoch=2, verbose=0,
+                            callbacks=[train_lib.momentum_schedule(c, 4)])
+        assert np.all(np.isfinite(history.history["loss"])), module.__name__
+        if c.moco.momentum_schedule == "cosine":  # set before step 3 of 4
+            assert float(model.momentum.numpy()) > c.moco.momentum, module.__name__
