@@ -1,9 +1,13 @@
-"""Keras callbacks used during pre-training."""
+"""Keras callbacks used during pre-training, and the embedding projector written after it."""
 from __future__ import annotations
 
+import json
+import math
+import os
 from typing import Dict, List, Sequence, Tuple
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from moco_tf.eval import knn
@@ -99,3 +103,172 @@ class KNNMonitor(keras.callbacks.Callback):
         if self.verbose:
             parts = ", ".join(f"k={k}: {100 * accuracies[k]:.2f}%" for k in self.ks)
             print(f"Epoch {epoch}: kNN top-1 {parts}")
+
+
+def _step(model) -> int:
+    """Batches trained so far (`optimizer.iterations`, already incremented after a step)."""
+    return int(model.optimizer.iterations.numpy())
+
+
+class StepLog(keras.callbacks.Callback):
+    """Appends one JSON line per step to `path`: `{"step", "loss", "top1", "lr", "momentum"}`.
+
+    `loss` is the step's own batch loss (the model's `batch_loss` log), not the epoch's running
+    mean. The file is appended across resumes, so after a crash the steps between the last
+    checkpoint and the crash appear twice; `read_step_log` keeps the last record of each step.
+    Each line is flushed, so a killed process loses at most the line being written.
+    With `steps_per_execution > 1` Keras calls batch callbacks once per execution: one line per
+    execution.
+    """
+
+    KEYS = {"batch_loss": "loss", "top1": "top1", "lr": "lr", "momentum": "momentum"}
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+        self._file = None
+
+    def on_train_begin(self, logs=None):
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        torn = False
+        if os.path.exists(self.path) and os.path.getsize(self.path):
+            with open(self.path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"  # a line cut by a crash: start ours on a new one
+        self._file = open(self.path, "a")
+        if torn:
+            self._file.write("\n")
+
+    def on_train_batch_end(self, batch, logs=None):
+        record = {"step": _step(self.model)}
+        for key, name in self.KEYS.items():
+            if logs and key in logs:
+                record[name] = float(logs[key])
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def on_train_end(self, logs=None):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_step_log(path: str) -> Dict[int, dict]:
+    """`{step: record}` from a `StepLog` file; the last record wins, torn lines are skipped."""
+    records = {}
+    if not os.path.exists(path):
+        return records
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and "step" in record:
+                records[int(record["step"])] = record
+    return records
+
+
+class PeriodicCheckpoint(keras.callbacks.Callback):
+    """Saves the training state every `every_n_steps` steps and at the end of every epoch.
+
+    Args:
+      checkpointer: a `moco_tf.checkpoint.Checkpointer` (anything with `save(step, epoch)`).
+      every_n_steps: 0 = only at epoch ends. With `steps_per_execution > 1` a save happens at the
+        first step at or after each multiple.
+      steps_per_epoch: to record the epoch of a step.
+    Place it after callbacks that log the step (e.g. `StepLog`), so a checkpoint's steps are
+    already logged.
+    """
+
+    def __init__(self, checkpointer, every_n_steps: int, steps_per_epoch: int):
+        super().__init__()
+        self.checkpointer = checkpointer
+        self.every_n_steps = int(every_n_steps)
+        self.steps_per_epoch = int(steps_per_epoch)
+        self._last_saved = None
+
+    def _save(self, step):
+        self.checkpointer.save(step, epoch=step // self.steps_per_epoch)
+        self._last_saved = step
+
+    def on_train_begin(self, logs=None):
+        self._last_saved = _step(self.model)
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = _step(self.model)
+        n = self.every_n_steps
+        if n and step // n > self._last_saved // n:
+            self._save(step)
+
+    def on_epoch_end(self, epoch, logs=None):
+        step = _step(self.model)
+        if step != self._last_saved:
+            self._save(step)
+
+
+def _thumbnails(images, size: int) -> np.ndarray:
+    """Images [B, H, W, C] in [0, 1] -> uint8 [B, size, size, C]."""
+    if tuple(images.shape[1:3]) != (size, size):
+        images = tf.image.resize(images, (size, size))
+    return (np.clip(np.asarray(images), 0, 1) * 255).round().astype(np.uint8)
+
+
+def _sprite(thumbs: np.ndarray) -> np.ndarray:
+    """Thumbnails [N, S, S, C] tiled row-major into one square image [G*S, G*S, C]."""
+    size = thumbs.shape[1]
+    grid = int(math.ceil(math.sqrt(len(thumbs))))
+    pad = np.zeros((grid * grid - len(thumbs), *thumbs.shape[1:]), thumbs.dtype)
+    tiles = np.concatenate([thumbs, pad]).reshape(grid, grid, size, size, -1)
+    return tiles.transpose(0, 2, 1, 3, 4).reshape(grid * size, grid * size, -1)
+
+
+def write_embedding_projector(backbone, dataset, log_dir: str, max_examples: int = 2000,
+                              thumbnail: int = 32) -> int:
+    """Writes backbone features of (up to) `max_examples` labelled images for TensorBoard's
+    embedding projector: `tensorboard --logdir <log_dir's parent>`, tab "Projector".
+
+    Args:
+      backbone: the query backbone, images [B, H, W, C] in [0, 1] -> features [B, D]; run in
+        inference mode.
+      dataset: yields `(images float32 [B, H, W, C] in [0, 1], labels int [B])`, e.g. the test set.
+      log_dir: output folder: `embedding.ckpt-1.*` (features [N, D]), `metadata.tsv` (one label per
+        line), `sprite.png` (thumbnails) and `projector_config.pbtxt`.
+    Returns:
+      the number of examples written.
+    """
+    from tensorboard.plugins import projector  # only needed here
+
+    features_fn = tf.function(lambda x: tf.cast(backbone(x, training=False), tf.float32),
+                              reduce_retracing=True)
+    feats, labels, thumbs, count = [], [], [], 0
+    size = None
+    for x, y in dataset:
+        take = min(max_examples - count, int(x.shape[0]))
+        if take <= 0:
+            break
+        x = x[:take]
+        feats.append(features_fn(x).numpy())
+        labels.append(np.asarray(y)[:take].reshape(-1))
+        size = size or min(int(x.shape[1]), thumbnail)
+        thumbs.append(_thumbnails(x, size))  # small copies only: 2000 ImageNet images are 1 GB
+        count += take
+    if not count:
+        raise ValueError("write_embedding_projector: the dataset is empty.")
+    os.makedirs(log_dir, exist_ok=True)
+    with open(os.path.join(log_dir, "metadata.tsv"), "w") as f:
+        f.writelines(f"{int(y)}\n" for y in np.concatenate(labels))
+    tf.io.write_file(os.path.join(log_dir, "sprite.png"),
+                     tf.io.encode_png(_sprite(np.concatenate(thumbs))))
+    embedding = tf.Variable(np.concatenate(feats), trainable=False)
+    # save() also writes the `checkpoint` state file, by which the projector finds the tensor.
+    tf.train.Checkpoint(embedding=embedding).save(os.path.join(log_dir, "embedding.ckpt"))
+
+    config = projector.ProjectorConfig()
+    entry = config.embeddings.add()
+    entry.tensor_name = "embedding/.ATTRIBUTES/VARIABLE_VALUE"
+    entry.metadata_path = "metadata.tsv"
+    entry.sprite.image_path = "sprite.png"
+    entry.sprite.single_image_dim.extend([size, size])
+    projector.visualize_embeddings(log_dir, config)
+    return count

@@ -8,10 +8,12 @@ import os
 import time
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
 from moco_tf import callbacks as callbacks_lib
+from moco_tf import checkpoint as checkpoint_lib
 from moco_tf import config as config_lib
 from moco_tf import data as data_lib
 from moco_tf import export as export_lib
@@ -104,24 +106,80 @@ def momentum_schedule(config, total_steps) -> momentum_lib.MomentumSchedule:
 class _Throughput(keras.callbacks.Callback):
     """Training images per second, timed per epoch before any evaluation callback runs."""
 
-    def __init__(self, images_per_epoch):
+    def __init__(self, batch_size):
         super().__init__()
-        self.images_per_epoch, self.epoch_seconds = images_per_epoch, []
+        self.batch_size, self.epoch_seconds, self.epoch_images = batch_size, [], []
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
         self.epoch_seconds.append(time.perf_counter() - self._start)
+        # params["steps"]: the first epoch after a mid-epoch resume is shorter.
+        self.epoch_images.append(self.params["steps"] * self.batch_size)
 
     def images_per_sec(self):
         # The first epoch includes tracing the step; leave it out when there are others.
-        seconds = self.epoch_seconds[1:] or self.epoch_seconds
-        return self.images_per_epoch * len(seconds) / sum(seconds)
+        if not self.epoch_seconds:
+            return 0.0
+        skip = 1 if len(self.epoch_seconds) > 1 else 0
+        return sum(self.epoch_images[skip:]) / sum(self.epoch_seconds[skip:])
 
 
-def train_and_evaluate(config, workdir):
+STEP_LOG = "steps.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+PROJECTOR_EXAMPLES = 2000  # test images shown in TensorBoard's embedding projector
+
+
+def _fit_from(model, config, start_step, epoch_steps, callbacks):
+    """Trains from global step `start_step` to the end; step i always trains on batch i.
+
+    Keras numbers the steps of each epoch from 0 and `steps_per_epoch` is fixed per `fit`, so a
+    resume in the middle of epoch e runs one `fit` for the rest of epoch e (fewer steps) and one
+    for the epochs after it. Each `fit` gets the pipeline started at its first batch
+    (`start_batch`): the batches, the lr and momentum schedules (read from
+    `optimizer.iterations`) and the shuffle-BN permutations are those of an uninterrupted run.
+    Returns the Keras History objects.
+    """
+    epochs = config.train.epochs
+    epoch, done = divmod(start_step, epoch_steps)
+
+    def fit(first_epoch, end_epoch, steps, first_batch):
+        train_ds = data_lib.train_dataset(
+            config.data, config.train.batch_size, config.seed, start_batch=first_batch
+        )
+        return model.fit(
+            train_ds, initial_epoch=first_epoch, epochs=end_epoch, steps_per_epoch=steps,
+            callbacks=callbacks, verbose=config.train.verbose, shuffle=False,  # tf.data shuffles
+        )
+
+    histories = []
+    if done and epoch < epochs:
+        histories.append(fit(epoch, epoch + 1, epoch_steps - done, start_step))
+        epoch += 1
+    if epoch < epochs:
+        histories.append(fit(epoch, epochs, epoch_steps, epoch * epoch_steps))
+    return histories
+
+
+def _loss_per_epoch(step_log_path, epoch_steps, epochs):
+    """Mean per-step loss of each epoch from the step log (complete across resumes)."""
+    losses = [[] for _ in range(epochs)]
+    for step, record in callbacks_lib.read_step_log(step_log_path).items():
+        if "loss" in record and 1 <= step <= epochs * epoch_steps:
+            losses[(step - 1) // epoch_steps].append(record["loss"])
+    return [float(np.mean(x)) if x else None for x in losses]
+
+
+def train_and_evaluate(config, workdir, callbacks=()):
     """Trains MoCo, evaluates kNN on the query backbone, exports it.
+
+    `callbacks`: extra Keras callbacks for `fit` (they run after the kNN monitor).
+
+    Resumes by itself: if `<workdir>/checkpoints` holds a checkpoint, training continues from its
+    step exactly as if it had not stopped (see `moco_tf.checkpoint`). Writes `<workdir>/steps.jsonl`
+    (one line per step), `tensorboard/` (with the embedding projector of test-set features when
+    `eval.export`), `export/` and `results.json`.
 
     Returns:
       (model, results): the trained MoCo model and the dict written to `<workdir>/results.json`.
@@ -137,10 +195,23 @@ def train_and_evaluate(config, workdir):
     batch = config.train.batch_size
     logging.info("Training %d epochs x %d steps of %d images.", config.train.epochs, epoch_steps, batch)
 
-    train_ds = data_lib.train_dataset(config.data, batch, config.seed)
     model = build_model(config, total_steps, epoch_steps)
+    # Resume: the whole training state from the newest intact checkpoint in the workdir, if any.
+    checkpointer = checkpoint_lib.Checkpointer(
+        os.path.join(workdir, CHECKPOINT_DIR), model, max_to_keep=config.train.keep_checkpoints,
+        seed=config.seed, batch_size=batch,
+    )
+    start_step = checkpointer.restore_latest() or 0
+    step_log = os.path.join(workdir, STEP_LOG)
+    if start_step:
+        logging.info("Resuming from step %d (epoch %d, step %d of it) of %d, from %s.", start_step,
+                     start_step // epoch_steps + 1, start_step % epoch_steps, total_steps,
+                     checkpointer.directory)
+    elif os.path.exists(step_log):
+        os.remove(step_log)  # a fresh run: the log of an earlier one would be mixed in
 
-    throughput = _Throughput(epoch_steps * batch)
+    throughput = _Throughput(batch)
+    extra_callbacks = list(callbacks)
     callbacks = [throughput, momentum_schedule(config, total_steps)]
     monitor = None
     if config.eval.knn_every_epochs:
@@ -151,23 +222,33 @@ def train_and_evaluate(config, workdir):
             ks=tuple(config.eval.knn_ks), temperature=config.eval.knn_temperature,
         )
         callbacks.append(monitor)
+    callbacks += extra_callbacks
     callbacks.append(keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard")))
+    # The step log before the checkpoint: every checkpointed step is already logged.
+    callbacks.append(callbacks_lib.StepLog(step_log))
+    callbacks.append(callbacks_lib.PeriodicCheckpoint(
+        checkpointer, config.train.checkpoint_every_steps, epoch_steps
+    ))
 
-    history = model.fit(
-        train_ds, epochs=config.train.epochs, steps_per_epoch=epoch_steps,
-        callbacks=callbacks, verbose=config.train.verbose, shuffle=False,  # tf.data shuffles
-    )
+    if start_step >= total_steps:
+        logging.info("Training already complete (step %d); evaluating and exporting.", start_step)
+    _fit_from(model, config, start_step, epoch_steps, callbacks)
 
+    loss_per_epoch = _loss_per_epoch(step_log, epoch_steps, config.train.epochs)
     results = {
         "epochs": config.train.epochs,
         "steps": total_steps,
+        "resumed_from_step": start_step,
         "images_per_sec": round(throughput.images_per_sec(), 2),
         "train_seconds": round(sum(throughput.epoch_seconds), 1),
-        "final_loss": float(history.history["loss"][-1]),
-        "loss_per_epoch": [float(x) for x in history.history["loss"]],
+        "final_loss": loss_per_epoch[-1],
+        "loss_per_epoch": loss_per_epoch,
     }
     if monitor is not None:
         ks = tuple(config.eval.knn_ks)
+        if not monitor.history:  # nothing left to train: evaluate the restored weights
+            monitor.set_model(model)
+            monitor.history.append((config.train.epochs, monitor.evaluate()))
         last = monitor.history[-1][1]
         results["knn_top1"] = float(last[ks[0]])
         results.update({f"knn_top1_k{k}": float(last[k]) for k in ks[1:]})
@@ -180,6 +261,12 @@ def train_and_evaluate(config, workdir):
         shape = (config.data.image_size, config.data.image_size, config.data.channels)
         results["export_dir"] = export_lib.export_backbone(
             model.backbone, os.path.join(workdir, "export"), image_shape=shape
+        )
+        # Test-set features with labels for TensorBoard's embedding projector.
+        results["projector_examples"] = callbacks_lib.write_embedding_projector(
+            model.backbone,
+            data_lib.eval_dataset(config.data, config.data.eval_split, config.eval.batch_size),
+            os.path.join(workdir, "tensorboard", "projector"), max_examples=PROJECTOR_EXAMPLES,
         )
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)

@@ -217,6 +217,7 @@ class MoCo(keras.Model):
         self.top1_tracker.update_state(tf.reduce_mean(hits))
         return {
             "loss": self.loss_tracker.result(),
+            "batch_loss": tf.reduce_mean(loss),  # this step's own loss (StepLog), not a mean
             "top1": self.top1_tracker.result(),
             "momentum": tf.identity(self.momentum),
             "lr": tf.cast(self.optimizer.learning_rate, tf.float32),
