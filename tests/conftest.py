@@ -1,6 +1,9 @@
 """Test setup: TensorFlow backend, quiet logs, and a fixed seed per test."""
 import os
+import sys
 
+# The repo root, so tests can import `configs` (and `moco_tf`) however pytest is started.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from configs import (  # noqa: E402
-    fashion_mnist, moco_v1, moco_v2, moco_v3, projector_momentum, simclr, simclr_momentum,
+    fashion_mnist, moco_v1, moco_v2, moco_v3, projector_momentum, simclr, simclr_momentum, synthetic,
 )
 
 METHODS = (moco_v3, simclr, simclr_momentum, projector_momentum)
@@ -21,7 +21,7 @@ METHODS = (moco_v3, simclr, simclr_momentum, projector_momentum)
 
 @pytest.mark.parametrize(
     "module,variant",
-    [(fashion_mnist, ""), (fashion_mnist, "smoke"), (moco_v1, ""), (moco_v1, "runlocal"),
+    [(synthetic, ""), (fashion_mnist, ""), (fashion_mnist, "smoke"), (moco_v1, ""), (moco_v1, "runlocal"),
      (moco_v2, ""), (moco_v2, "runlocal")]
     + [(m, v) for m in METHODS for v in ("", "runlocal", "fashion_mnist")],
 )

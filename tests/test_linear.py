@@ -9,37 +9,20 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from configs import synthetic
 from moco_tf import callbacks as callbacks_lib
 from moco_tf import data, export
-from moco_tf.config import defaults
 from moco_tf.eval import linear
 from moco_tf.models import backbones
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-CONFIG_FILE = '''
-from moco_tf.config import defaults
-
-
-def get_config():
-    c = defaults()
-    c.data.source = "synthetic"
-    c.data.image_size = 16
-    c.data.channels = 1
-    c.data.synthetic_examples = 128
-    c.data.num_classes = 4
-    c.eval.batch_size = 64
-    return c
-'''
+CONFIG_FILE = os.path.join(ROOT, "configs", "synthetic.py")
 
 
 def synthetic_config():
-    c = defaults()
-    c.data.source = "synthetic"
-    c.data.image_size = 16
-    c.data.channels = 1
-    c.data.synthetic_examples = 128  # the test split: 32 other images
-    c.data.num_classes = 4
+    c = synthetic.get_config()
+    c.data.synthetic_examples = 128
     return c
 
 
@@ -93,11 +76,11 @@ def test_linear_protocol_on_separable_features_and_on_a_random_backbone():
 def test_cli_writes_linear_eval_json_with_the_raw_pixel_baseline(tmp_path):
     export_dir = export.export_backbone(small_backbone(), str(tmp_path / "export"),
                                         image_shape=(16, 16, 1))
-    config_path = tmp_path / "tiny.py"
-    config_path.write_text(CONFIG_FILE)
+    config_path = CONFIG_FILE
     proc = subprocess.run(
         [sys.executable, "-m", "moco_tf.eval.linear", f"--export={export_dir}",
-         f"--config={config_path}", "--epochs=10", "--batch_size=32", "--raw_pixels"],
+         f"--config={config_path}", "--config.data.synthetic_examples=128", "--epochs=10",
+         "--batch_size=32", "--raw_pixels"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -13,35 +13,27 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from configs import synthetic
 from moco_tf import callbacks as callbacks_lib
 from moco_tf import checkpoint as checkpoint_lib
 from moco_tf import train_lib
-from moco_tf.config import defaults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # 3 epochs x 7 steps; checkpoints at steps 4, 7 (epoch end), 8, 12, 14, 16, 20, 21: a kill after
 # step 8 resumes in the middle of epoch 2, the case that needs the data position.
 CONFIG_FILE = '''
-from moco_tf.config import defaults
+from configs import synthetic
 
 
 def get_config():
-    c = defaults()
+    c = synthetic.get_config()
     c.deterministic = True
-    c.data.source = "synthetic"
-    c.data.image_size = 16
-    c.data.channels = 1
     c.data.synthetic_examples = 64
     c.data.shuffle_buffer = 64
-    c.data.num_classes = 4
-    c.model.backbone = "small_cnn"
-    c.model.split_bn_groups = 4
-    c.moco.queue_size = 64
     c.train.batch_size = 16
     c.train.epochs = 3
     c.train.steps_per_epoch = 7
-    c.train.base_learning_rate = 0.5
     c.train.checkpoint_every_steps = 4
     c.train.keep_checkpoints = 3
     c.train.verbose = 0
@@ -149,11 +141,7 @@ def test_killed_run_resumes_exactly_like_an_uninterrupted_one(tmp_path):
 
 
 def tiny_model():
-    c = defaults()
-    c.data.source = "synthetic"
-    c.data.image_size = 16
-    c.model.backbone = "small_cnn"
-    c.model.split_bn_groups = 4
+    c = synthetic.get_config()
     c.moco.queue_size = 32
     c.train.batch_size = 16
     return train_lib.build_model(c)
@@ -205,9 +193,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
 def test_skipping_batches_gives_the_batches_of_an_uninterrupted_pipeline():
     from moco_tf import data
 
-    c = defaults()
-    c.data.source = "synthetic"
-    c.data.image_size = 16
+    c = synthetic.get_config()
     c.data.synthetic_examples = 40  # 2.5 batches per pass: batches straddle the reshuffles
     c.data.shuffle_buffer = 16  # smaller than the data, as for large datasets
     tf.random.set_seed(0)
@@ -222,16 +208,10 @@ def test_skipping_batches_gives_the_batches_of_an_uninterrupted_pipeline():
 
 
 def test_rerunning_a_finished_run_evaluates_the_restored_model_without_training(tmp_path):
-    c = defaults()
-    c.data.source = "synthetic"
-    c.data.image_size = 16
+    c = synthetic.get_config()
     c.data.synthetic_examples = 64
-    c.data.num_classes = 4
-    c.model.backbone = "small_cnn"
-    c.model.split_bn_groups = 4
     c.moco.queue_size = 32
     c.train.batch_size = 16
-    c.train.epochs = 2
     c.train.steps_per_epoch = 3
     c.train.verbose = 0
     c.eval.knn_ks = (5,)

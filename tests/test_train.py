@@ -9,31 +9,18 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from configs import synthetic
 from moco_tf import data, export, losses, train_lib
-from moco_tf.config import defaults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
 def synthetic_config():
-    c = defaults()
-    c.data.source = "synthetic"
-    c.data.image_size = 16
-    c.data.channels = 1
-    c.data.synthetic_examples = 256
-    c.data.num_classes = 4
-    c.model.backbone = "small_cnn"
-    c.model.split_bn_groups = 4
-    c.moco.queue_size = 64
-    c.train.batch_size = 32
+    c = synthetic.get_config()
     c.train.epochs = 4
-    c.train.steps_per_epoch = 8
-    c.train.base_learning_rate = 0.5
     c.train.verbose = 0
     c.eval.knn_every_epochs = 2
-    c.eval.knn_ks = (20, 5)
-    c.eval.batch_size = 64
     return c
 
 
