@@ -74,10 +74,7 @@ def load_backbone(path: str, trainable: bool = False) -> keras.Model:
     if not os.path.exists(path):
         raise FileNotFoundError(f"load_backbone: no Keras backbone at {path}.")
     # Registers moco_tf's serializable layers (custom backbone blocks) before deserialising.
-    try:
-        import moco_tf.models  # noqa: F401
-    except ImportError:
-        pass
+    import moco_tf.models  # noqa: F401
     backbone = keras.saving.load_model(path, compile=False)
     backbone.trainable = trainable
     return backbone
