@@ -16,8 +16,9 @@ import tensorflow as tf
 FeatureSource = Union[keras.Model, Callable[[tf.Tensor], tf.Tensor]]
 
 
-def _feature_function(feature_fn_or_model: FeatureSource):
-    """Wraps a model (or callable) in a `tf.function`: images -> L2-normalised float32 features.
+def _feature_function(feature_fn_or_model: FeatureSource, normalize: bool = True):
+    """Wraps a model (or callable) in a `tf.function`: images -> float32 features [B, D],
+    L2-normalised unless `normalize=False` (linear evaluation normalises its own way).
 
     Built once and reused (e.g. by `KNNMonitor` every epoch) so the graph is traced once,
     not once per evaluation.
@@ -38,14 +39,14 @@ def _feature_function(feature_fn_or_model: FeatureSource):
         else:
             out = feature_fn_or_model(images)
         out = tf.cast(tf.reshape(out, [tf.shape(out)[0], -1]), tf.float32)
-        return tf.math.l2_normalize(out, axis=1)
+        return tf.math.l2_normalize(out, axis=1) if normalize else out
 
     features._moco_tf_feature_fn = True
     return features
 
 
 def extract_features(
-    feature_fn_or_model: FeatureSource, dataset: tf.data.Dataset
+    feature_fn_or_model: FeatureSource, dataset: tf.data.Dataset, normalize: bool = True
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Runs a model over a labelled dataset in inference mode.
 
@@ -53,11 +54,12 @@ def extract_features(
       feature_fn_or_model: a keras model/layer (called with `training=False`) or a callable
         mapping images `[B, H, W, C]` to features `[B, D]` (or `[B, ...]`, flattened).
       dataset: yields `(images float32 [B, H, W, C] in [0, 1], labels int [B])`.
+      normalize: L2-normalise the rows (ignored for an already wrapped feature function).
 
     Returns:
       `(features [N, D] float32, rows L2-normalised; labels [N] int32)` as numpy arrays.
     """
-    fn = _feature_function(feature_fn_or_model)
+    fn = _feature_function(feature_fn_or_model, normalize)
     feats, labels = [], []
     for images, y in dataset:
         feats.append(fn(images).numpy())

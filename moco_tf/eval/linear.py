@@ -40,7 +40,8 @@ if __name__ == "__main__":  # before TensorFlow is imported
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+
+from moco_tf.eval import knn  # noqa: E402
 
 NORMALIZATIONS = ("l2", "none", "standardize")
 
@@ -63,20 +64,10 @@ def extract_features(backbone, dataset) -> tuple[np.ndarray, np.ndarray]:
     """Backbone features in inference mode: `(features [N, D] float32, labels [N] int32)`.
 
     `dataset` yields `(images float32 [B, H, W, C] in [0, 1], labels [B])`; `backbone=None` gives
-    the flattened raw pixels [N, H*W*C].
+    the flattened raw pixels [N, H*W*C]. Not normalised: `train_linear` applies `normalize`.
     """
-    if backbone is None:
-        fn = tf.function(lambda x: tf.reshape(x, [tf.shape(x)[0], -1]))
-    else:
-        fn = tf.function(lambda x: tf.cast(backbone(x, training=False), tf.float32),
-                         reduce_retracing=True)
-    feats, labels = [], []
-    for x, y in dataset:
-        feats.append(fn(x).numpy().astype(np.float32))
-        labels.append(np.asarray(y, np.int32).reshape(-1))
-    if not feats:
-        raise ValueError("extract_features: the dataset is empty.")
-    return np.concatenate(feats), np.concatenate(labels)
+    source = backbone if backbone is not None else (lambda images: images)
+    return knn.extract_features(source, dataset, normalize=False)
 
 
 def _normalizer(train_features, kind):
