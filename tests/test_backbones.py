@@ -295,3 +295,44 @@ def test_moco_v3_projector_and_predictor():
     assert kinds == ["Dense", "BatchNormalization", "ReLU", "Dense"]  # no BN on the output
     assert all(not l.use_bias for l in pred.layers if isinstance(l, keras.layers.Dense))
     assert pred(out).shape == (16, 6)
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_fused_one_split_bn_equals_keras_bn_values_stats_and_gradients(policy):
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        x = tf.constant(_split_bn_input(groups=2, per_group=3))
+        fused = SplitBatchNorm(num_splits=1, momentum=0.9, epsilon=1e-5)
+        plain = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5)
+        for layer in (fused, plain):
+            layer.build(x.shape)
+        _set_affine(fused)
+        plain.set_weights(fused.get_weights())
+        results = []
+        for layer in (fused, plain):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=True)
+                loss = tf.reduce_sum(tf.cast(y, tf.float32) * tf.cos(x))
+            results.append((y, *tape.gradient(loss, [x, layer.gamma, layer.beta])))
+        tol = 1e-4 if policy == "float32" else 3e-2
+        for a, b in zip(*results):
+            np.testing.assert_allclose(
+                tf.cast(a, tf.float32), tf.cast(b, tf.float32), rtol=tol, atol=tol
+            )
+        np.testing.assert_allclose(fused.moving_mean, plain.moving_mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(fused.moving_variance, plain.moving_variance, rtol=1e-5)
+        assert fused.compute_dtype == ("bfloat16" if policy != "float32" else "float32")
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_bn_backbone_uses_the_fused_layer_and_trains_like_keras_bn():
+    model = build_backbone("small_cnn", (8, 8, 3), norm="bn")
+    norms = [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
+    assert norms and all(isinstance(l, SplitBatchNorm) and l.num_splits == 1 for l in norms)
+    # batch statistics over the whole batch: every example's output depends on the others
+    x = _images(4, 8)
+    a = model(x, training=True).numpy()
+    b = model(np.concatenate([x[:2], _images(2, 8, seed=5)]), training=True).numpy()
+    assert not np.allclose(a[:2], b[:2], atol=1e-4)

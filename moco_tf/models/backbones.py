@@ -93,6 +93,9 @@ class SplitBatchNorm(keras.layers.BatchNormalization):
     The official MoCo single-GPU colab groups samples `i % G` rather than contiguously; with the
     shuffled key batch of shuffle-BN the two are the same in distribution.
 
+    `num_splits=1` is plain BatchNormalization (what `norm="bn"` builds): images `[B, H, W, C]`
+    are normalised in training by TF's fused kernel, which Keras 3 does not use.
+
     B must be divisible by `num_splits` (a ValueError when B is static, a runtime assertion
     otherwise). Channels-last only (`axis=-1`).
     """
@@ -111,7 +114,8 @@ class SplitBatchNorm(keras.layers.BatchNormalization):
         super().build(input_shape)
 
     def call(self, inputs, training=None, mask=None):
-        if not (training and self.trainable) or self.num_splits == 1:
+        plain = self.num_splits == 1 and len(inputs.shape) != 4
+        if not (training and self.trainable) or plain:
             return super().call(inputs, training=training, mask=mask)
         if mask is not None:
             raise NotImplementedError("SplitBatchNorm does not support masks.")
@@ -127,6 +131,8 @@ class SplitBatchNorm(keras.layers.BatchNormalization):
             with tf.control_dependencies([check]):
                 inputs = tf.identity(inputs)
 
+        if len(inputs.shape) == 4:
+            return self._fused_call(inputs)
         x = ops.cast(inputs, _float32_or_wider(inputs.dtype))
         shape = ops.shape(x)
         # [B, ..., C] -> [G, B/G, ..., C]: sub-batch g is rows g*B/G ... (g+1)*B/G - 1.
@@ -137,15 +143,51 @@ class SplitBatchNorm(keras.layers.BatchNormalization):
             outputs = outputs * ops.cast(self.gamma, x.dtype)
         if self.center:
             outputs = outputs + ops.cast(self.beta, x.dtype)
-
-        # Moving statistics: average of the sub-batch statistics (as the colab does).
         channels = x.shape[-1]
-        mean = ops.mean(ops.reshape(mean, (groups, channels)), axis=0)
-        variance = ops.mean(ops.reshape(variance, (groups, channels)), axis=0)
-        m = self.momentum
-        self.moving_mean.assign(ops.cast(self.moving_mean, x.dtype) * m + mean * (1.0 - m))
-        self.moving_variance.assign(ops.cast(self.moving_variance, x.dtype) * m + variance * (1.0 - m))
+        self._update_moving_stats(
+            ops.reshape(mean, (groups, channels)), ops.reshape(variance, (groups, channels))
+        )
         return ops.cast(ops.reshape(outputs, shape), self.compute_dtype)
+
+    def _fused_call(self, inputs):
+        """Images [B, H, W, C]: TF's fused batch-norm kernel, forward and backward in one op each.
+
+        Measured on this 2-core CPU: a ResNet-18 (width 16, 28 px, batch 256, bf16) BN layer's
+        forward+backward took about half the time of the composite ops above, and BN is a large
+        share of a narrow ResNet's step. The G sub-batches become channels so that one kernel call
+        normalises them all: [B, H, W, C] -> [G, B/G, H, W, C] -> [B/G, H, W, G*C].
+        """
+        groups, channels = self.num_splits, inputs.shape[-1]
+        _, height, width, _ = tf.unstack(tf.shape(inputs))
+        x = inputs
+        if groups > 1:
+            x = tf.reshape(x, [groups, -1, height, width, channels])
+            x = tf.reshape(tf.transpose(x, [1, 2, 3, 0, 4]), [-1, height, width, groups * channels])
+        ones = tf.ones([channels], tf.float32)
+        gamma = tf.cast(self.gamma, tf.float32) if self.scale else ones
+        beta = tf.cast(self.beta, tf.float32) if self.center else tf.zeros_like(ones)
+        y, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
+            x=x, scale=tf.tile(gamma, [groups]), offset=tf.tile(beta, [groups]),
+            mean=tf.zeros([0]), variance=tf.zeros([0]), epsilon=self.epsilon,
+            data_format="NHWC", is_training=True,
+        )
+        # The kernel returns the unbiased variance; Keras' moving statistics use the biased one.
+        n = tf.cast(tf.size(x) // (groups * channels), tf.float32)
+        variance = variance * (n - 1.0) / tf.maximum(n, 1.0)
+        self._update_moving_stats(
+            tf.reshape(mean, [groups, channels]), tf.reshape(variance, [groups, channels])
+        )
+        if groups > 1:
+            y = tf.reshape(y, [-1, height, width, groups, channels])
+            y = tf.reshape(tf.transpose(y, [3, 0, 1, 2, 4]), tf.shape(inputs))
+        return tf.cast(y, self.compute_dtype)
+
+    def _update_moving_stats(self, mean, variance):
+        """Moving statistics from the sub-batch ones [G, C]: their average (as the colab does)."""
+        m = self.momentum
+        for moving, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):
+            batch = ops.mean(ops.cast(batch, moving.dtype), axis=0)
+            moving.assign(moving * m + batch * (1.0 - m))
 
     def get_config(self):
         return {**super().get_config(), "num_splits": self.num_splits}
@@ -193,9 +235,12 @@ def build_backbone(
             gamma_initializer="zeros" if zero_init else "ones",
             name=layer_name,
         )
-        if norm == "split_bn":
-            return SplitBatchNorm(num_splits=split_bn_groups, **kwargs)
-        return keras.layers.BatchNormalization(synchronized=(norm == "sync_bn"), **kwargs)
+        if norm == "sync_bn":
+            return keras.layers.BatchNormalization(synchronized=True, **kwargs)
+        # "bn" is SplitBatchNorm with one split: the same statistics as Keras' BatchNormalization,
+        # computed by TF's fused kernel (faster on CPU, see SplitBatchNorm._fused_call).
+        groups = split_bn_groups if norm == "split_bn" else 1
+        return SplitBatchNorm(num_splits=groups, **kwargs)
 
     inputs = keras.Input(shape=tuple(input_shape), name="images")
     x = Standardize(0.0 if mean is None else mean, 1.0 if std is None else std, name="normalize")(inputs)
