@@ -9,6 +9,7 @@ from typing import Dict, List, Sequence, Tuple
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from moco_tf.eval import knn
 
@@ -169,6 +170,79 @@ def read_step_log(path: str) -> Dict[int, dict]:
     return records
 
 
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN/inf loss or weights; the message names the step."""
+
+
+def nonfinite_variables(model) -> List[str]:
+    """Paths of the model's and its optimizer's float variables holding a NaN or inf."""
+    variables = list(model.variables)
+    if getattr(model, "optimizer", None) is not None:
+        variables += list(model.optimizer.variables)
+    return [v.path for v in variables
+            if v.dtype.startswith(("float", "bfloat")) and not np.isfinite(
+                np.asarray(keras.ops.convert_to_numpy(v.value), np.float32)).all()]
+
+
+class NonFiniteGuard(keras.callbacks.Callback):
+    """Watches each step for NaN and inf: the `finite` log of `MoCo.train_step` (loss and
+    gradients), else the loss (`batch_loss`, else `loss`) of any other model.
+
+    Place it before `PeriodicCheckpoint`: it acts before a checkpoint of the step could be written.
+
+    Args:
+      on_nan: "stop" raises `NonFiniteError` at the first non-finite loss, naming the step and the
+        last good checkpoint (the weights are already updated with the NaN gradients, so the run
+        cannot go on). "skip_step": the model skips such steps itself (`MoCo(skip_nonfinite=True)`);
+        this warns for the first few and raises after `max_consecutive_skips` skipped steps in
+        a row, when the run is clearly not recovering.
+      checkpointer: to name the last good checkpoint (anything with `latest_checkpoint`).
+    With `steps_per_execution > 1` Keras reports the last step of each execution only.
+    Attributes: `skipped_steps`, the steps skipped so far (1-based).
+    """
+
+    ADVICE = "Lower train.base_learning_rate (or add train.warmup_epochs), or check the input data."
+    SKIP_HINT = "Or set train.on_nan=skip_step to skip such steps."
+
+    def __init__(self, on_nan: str = "stop", checkpointer=None, max_consecutive_skips: int = 100):
+        super().__init__()
+        if on_nan not in ("stop", "skip_step"):
+            raise ValueError(f"on_nan must be 'stop' or 'skip_step', got {on_nan!r}")
+        self.on_nan, self.checkpointer = on_nan, checkpointer
+        self.max_consecutive_skips = int(max_consecutive_skips)
+        self.skipped_steps: List[int] = []
+        self._in_a_row = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        logs = logs or {}
+        loss = logs.get("batch_loss", logs.get("loss"))
+        loss = float("nan") if loss is None else float(loss)
+        finite = bool(logs["finite"]) if "finite" in logs else math.isfinite(loss)
+        if finite:
+            self._in_a_row = 0
+            return
+        step = _step(self.model)
+        latest = getattr(self.checkpointer, "latest_checkpoint", None) or "none"
+        what = f"Loss is {loss}" if not math.isfinite(loss) else "Gradients are not finite"
+        if self.on_nan == "stop":
+            raise NonFiniteError(
+                f"{what} at step {step}; training stopped (train.on_nan=stop) and nothing of "
+                f"this step was saved. Last good checkpoint: {latest}. "
+                f"{self.ADVICE} {self.SKIP_HINT}"
+            )
+        self.skipped_steps.append(step)
+        self._in_a_row += 1
+        n = len(self.skipped_steps)
+        if n <= 5 or n & (n - 1) == 0:
+            logging.warning("Step %d: %s; the step was skipped (train.on_nan=skip_step), %d "
+                            "skipped so far.", step, what.lower(), n)
+        if self._in_a_row >= self.max_consecutive_skips:
+            raise NonFiniteError(
+                f"{self._in_a_row} steps in a row up to step {step} were not finite and were "
+                f"skipped; training stopped. Last good checkpoint: {latest}. {self.ADVICE}"
+            )
+
+
 class PeriodicCheckpoint(keras.callbacks.Callback):
     """Saves the training state every `every_n_steps` steps and at the end of every epoch.
 
@@ -189,6 +263,15 @@ class PeriodicCheckpoint(keras.callbacks.Callback):
         self._last_saved = None
 
     def _save(self, step):
+        # Never a checkpoint of NaN/inf weights: it would replace a good one as "latest".
+        bad = nonfinite_variables(self.model)
+        if bad:
+            latest = getattr(self.checkpointer, "latest_checkpoint", None)
+            raise NonFiniteError(
+                f"Step {step}: {len(bad)} variables are not finite (first: {bad[0]}); training "
+                f"stopped without saving them. Last good checkpoint: {latest or 'none'}. "
+                f"{NonFiniteGuard.ADVICE} {NonFiniteGuard.SKIP_HINT}"
+            )
         self.checkpointer.save(step, epoch=step // self.steps_per_epoch)
         self._last_saved = step
 

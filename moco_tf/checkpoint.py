@@ -29,9 +29,12 @@ from __future__ import annotations
 import glob
 import os
 import re
+import shutil
 
 import tensorflow as tf
 from absl import logging
+
+from moco_tf import workdir as workdir_lib
 
 _PREFIX = "ckpt"
 
@@ -76,9 +79,30 @@ class Checkpointer:
         self.epoch.assign(epoch)
         for k, v in self._run.items():
             self._run_vars[k].assign(v)
-        path = self.manager.save(checkpoint_number=step)
+        previous = self.manager.latest_checkpoint
+        try:
+            path = self.manager.save(checkpoint_number=step)
+        except (tf.errors.OpError, OSError) as e:
+            # A full or read-only disk: TF writes to temporary names and renames only complete
+            # files, so the previous checkpoint and the state file are untouched. Remove what
+            # was written of this one, to give the space back.
+            removed = _remove_partial(self.directory, step)
+            free = workdir_lib.format_bytes(workdir_lib.free_bytes(self.directory))
+            raise CheckpointError(
+                f"Could not write checkpoint {_PREFIX}-{step} in {self.directory}: "
+                f"{workdir_lib.first_line(e)} ({free} free after removing {removed} partial "
+                f"files). "
+                + (f"The previous checkpoint {previous} is intact; free some space and rerun the "
+                   f"same command to resume from it." if previous else
+                   "No earlier checkpoint exists; free some space or use another --workdir.")
+            ) from e
         logging.info("Saved checkpoint %s (step %d, epoch %d).", path, step, epoch)
         return path
+
+    @property
+    def latest_checkpoint(self) -> str | None:
+        """The newest checkpoint this manager wrote or found, or None."""
+        return self.manager.latest_checkpoint
 
     # --- restoring ------------------------------------------------------------------------
 
@@ -155,6 +179,21 @@ def verify(prefix: str) -> str | None:
     except Exception as e:  # noqa: BLE001  the reader maps TF statuses to many Python errors
         return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
     return None
+
+
+def _remove_partial(directory: str, step: int) -> int:
+    """Deletes the files of an unfinished `ckpt-<step>` (its temporary and final names)."""
+    removed = 0
+    for path in glob.glob(os.path.join(directory, f"{_PREFIX}-{step}[._]*")):
+        try:
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+            removed += 1
+        except OSError:
+            pass
+    return removed
 
 
 def _number(prefix: str) -> int:

@@ -6,6 +6,7 @@ any model is built; `train.py` prints it and exits with status 2.
 """
 
 import difflib
+import os
 
 import ml_collections
 
@@ -36,6 +37,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.crop_scale = (0.2, 1.0)
     c.data.cache = True
     c.data.shuffle_buffer = 10000
+    # image_folder: a file that is not a readable image is skipped (counted, first names logged)
+    # or stops the run with its name: skip | error
+    c.data.on_bad_image = "skip"
     c.data.synthetic_examples = 256
     c.data.num_classes = 10
     # Per-channel normalisation, applied inside the backbone so exports take raw images.
@@ -78,11 +82,19 @@ def defaults() -> ml_collections.ConfigDict:
     c.train.sgd_momentum = 0.9  # heavy-ball momentum of SGD and LARS
     c.train.weight_decay = 1e-4
     c.train.steps_per_execution = 1
-    c.train.jit_compile = False  # XLA was slower than graph mode on CPU (DESIGN §5)
+    # XLA: 2.3-4x slower than graph mode for the quickstart step on this CPU (65 vs 152 img/s
+    # float32, 50-68 vs 200 bf16; README). Not with several replicas: keras#19005.
+    c.train.jit_compile = False
+    # default (one device) | mirrored (local GPUs) | multi_worker (TF_CONFIG) | tpu (TPU VM);
+    # train.batch_size stays the global batch, split evenly over the replicas.
+    c.train.strategy = "default"
     c.train.verbose = 1  # Keras progress bar: 0 silent, 1 bar, 2 one line per epoch
     # Checkpoints in <workdir>/checkpoints, also at every epoch end; re-running resumes exactly.
     c.train.checkpoint_every_steps = 500  # 0 = only at epoch ends
     c.train.keep_checkpoints = 3
+    # A NaN/inf loss or gradient: stop (naming the step; the last good checkpoint is kept) or
+    # skip_step (the step changes nothing; costs a copy of the weights per step): stop | skip_step
+    c.train.on_nan = "stop"
 
     c.eval = ml_collections.ConfigDict()
     c.eval.knn_every_epochs = 1
@@ -105,7 +117,10 @@ _CHOICES = {
     "moco.momentum_schedule": ("constant", "cosine"),
     "moco.negatives": ("queue", "batch", "batch_both_views"),
     "train.optimizer": ("sgd", "lars"),
+    "train.strategy": ("default", "mirrored", "multi_worker", "tpu"),
     "train.lr_schedule": ("cosine", "step", "constant"),
+    "data.on_bad_image": ("skip", "error"),
+    "train.on_nan": ("stop", "skip_step"),
 }
 
 
@@ -185,4 +200,57 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError(
             f"'data.mean' and 'data.std' need one value per channel ({d.channels})."
         )
+    size = _known_size(d, d.train_split)
+    if size is not None and t.batch_size > size:
+        raise ConfigError(
+            f"'train.batch_size' ({t.batch_size}) is larger than the training set ({size} images "
+            f"of {d.source} '{d.train_split}')."
+        )
     return config
+
+
+_FASHION_MNIST_SIZES = {"train": 60000, "test": 10000}
+
+
+def _known_size(data, split):
+    """Examples in `split` when the config alone tells (other sources: checked when listed)."""
+    if data.source == "synthetic":
+        return int(data.synthetic_examples) if split == data.train_split else None
+    if data.source == "fashion_mnist":
+        return _FASHION_MNIST_SIZES.get(split)
+    return None
+
+
+def check_data_paths(config: ml_collections.ConfigDict) -> None:
+    """The folders and files the config's data source reads exist; else one `ConfigError`
+    naming the key and the path. Run before building anything (train_and_evaluate does)."""
+    d = config.data
+    if d.source == "fashion_mnist":
+        from moco_tf.data.datasets import DEFAULT_FASHION_MNIST_DIR
+
+        folder = d.data_dir or DEFAULT_FASHION_MNIST_DIR
+        if not os.path.isdir(folder):
+            raise ConfigError(
+                f"'data.data_dir': the Fashion-MNIST folder {folder} does not exist. Install it "
+                f"with `apt-get install dataset-fashion-mnist` or point data.data_dir at a folder "
+                f"with the IDX files ({{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte.gz)."
+            )
+        names = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
+        for split in (d.train_split, d.eval_split):
+            name = names.get(split)
+            if name and not any(os.path.exists(os.path.join(folder, name + ext))
+                                for ext in (".gz", "")):
+                raise ConfigError(f"'data.data_dir': {folder} has no {name}.gz (the "
+                                  f"'{split}' split of Fashion-MNIST).")
+    elif d.source == "image_folder":
+        if not d.data_dir or not os.path.isdir(d.data_dir):
+            raise ConfigError(f"'data.data_dir': the image folder {d.data_dir!r} does not exist.")
+        evaluates = config.eval.knn_every_epochs or config.eval.export
+        if evaluates and not d.eval_dir:
+            raise ConfigError(
+                "'data.eval_dir' is empty: the kNN monitor and the embedding projector need a "
+                "labelled folder (class sub-folders); set it, or eval.knn_every_epochs=0 and "
+                "eval.export=False."
+            )
+        if d.eval_dir and not os.path.isdir(d.eval_dir):
+            raise ConfigError(f"'data.eval_dir': the image folder {d.eval_dir!r} does not exist.")

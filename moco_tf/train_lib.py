@@ -3,6 +3,7 @@
 `build_model(config)` is also the way to get a compiled MoCo model for your own `model.fit`.
 """
 
+import contextlib
 import json
 import os
 import time
@@ -16,8 +17,10 @@ from moco_tf import callbacks as callbacks_lib
 from moco_tf import checkpoint as checkpoint_lib
 from moco_tf import config as config_lib
 from moco_tf import data as data_lib
+from moco_tf import distribute
 from moco_tf import export as export_lib
 from moco_tf import momentum as momentum_lib
+from moco_tf import workdir as workdir_lib
 from moco_tf.data import datasets
 from moco_tf.eval import knn
 from moco_tf.models import backbones, heads
@@ -81,7 +84,7 @@ def build_model(config, total_steps=1, epoch_steps=1) -> MoCo:
         temperature=c.temperature, momentum_scope=c.momentum_scope, negatives=c.negatives,
         symmetric=c.symmetric, predictor=predictor, loss_scale=c.loss_scale,
         weight_decay=config.train.weight_decay if config.train.optimizer == "sgd" else 0.0,
-        seed=config.seed,
+        seed=config.seed, skip_nonfinite=config.train.get("on_nan", "stop") == "skip_step",
     )
     lr = learning_rate(config, total_steps, epoch_steps)
     if config.train.optimizer == "lars":
@@ -171,6 +174,52 @@ def _loss_per_epoch(step_log_path, epoch_steps, epochs):
     return [float(np.mean(x)) if x else None for x in losses]
 
 
+class OutOfMemoryError(RuntimeError):
+    """TensorFlow ran out of memory; the message names the config values to turn down."""
+
+
+# Failures whose message says what to do: train.py prints them as one line, without a traceback.
+CLEAR_ERRORS = (datasets.DataError, workdir_lib.WorkdirError, checkpoint_lib.CheckpointError,
+                callbacks_lib.NonFiniteError, OutOfMemoryError)
+
+
+def _oom_hint(config) -> str:
+    t, d = config.train, config.data
+    return (
+        f"Turn down train.batch_size (now {t.batch_size}; keep moco.queue_size a multiple of it), "
+        f"data.image_size (now {d.image_size}), moco.queue_size (now {config.moco.queue_size}), "
+        f"model.width (now {config.model.width}) or eval.batch_size (now "
+        f"{config.eval.batch_size}, the kNN monitor), or set precision=mixed_bfloat16 "
+        f"(mixed_float16 on GPUs; now {config.precision}) to halve the activations."
+    )
+
+
+@contextlib.contextmanager
+def _explained_failures(config):
+    """Re-raises the failures a user can fix (out of memory, full disk, a bad image with
+    data.on_bad_image=error) as one of `CLEAR_ERRORS`, with a message that says how."""
+    try:
+        yield
+    except (tf.errors.ResourceExhaustedError, MemoryError) as e:
+        first = workdir_lib.first_line(e)
+        if workdir_lib.is_disk_full(e):  # TF reports a full disk as ResourceExhausted too
+            raise workdir_lib.WorkdirError(
+                f"A write to the disk failed ({first}). Free some space and rerun the same "
+                f"command: training resumes from the last checkpoint.") from e
+        raise OutOfMemoryError(f"Out of memory ({first}). {_oom_hint(config)}") from e
+    except tf.errors.InvalidArgumentError as e:
+        message = datasets.data_error_in(e.message)
+        if message is None:
+            raise
+        raise datasets.DataError(message) from e
+    except OSError as e:
+        if not workdir_lib.is_disk_full(e):
+            raise
+        raise workdir_lib.WorkdirError(
+            f"A write to the disk failed ({e}). Free some space and rerun the same command: "
+            f"training resumes from the last checkpoint.") from e
+
+
 def train_and_evaluate(config, workdir, callbacks=()):
     """Trains MoCo, evaluates kNN on the query backbone, exports it.
 
@@ -181,11 +230,29 @@ def train_and_evaluate(config, workdir, callbacks=()):
     (one line per step), `tensorboard/` (with the embedding projector of test-set features when
     `eval.export`), `export/` and `results.json`.
 
+    Before building anything it validates the config and checks its data paths (`ConfigError`),
+    and checks that the workdir is writable and locks it against a second run (`WorkdirError`).
+    A NaN/inf step stops training or is skipped (`train.on_nan`); no checkpoint of non-finite
+    weights is ever written. Failures a user can act on are raised as one of `CLEAR_ERRORS`
+    with a message saying what to do (an out-of-memory names the config values to turn down).
+
     Returns:
       (model, results): the trained MoCo model and the dict written to `<workdir>/results.json`.
     """
     config_lib.validate(config)
-    os.makedirs(workdir, exist_ok=True)
+    config_lib.check_data_paths(config)
+    with contextlib.ExitStack() as cleanup, _explained_failures(config):
+        return _train_and_evaluate(config, workdir, callbacks, cleanup)
+
+
+def _train_and_evaluate(config, workdir, callbacks, cleanup):
+    """The body of `train_and_evaluate`; `cleanup` (an ExitStack) releases the workdir lock."""
+    # The strategy first: a multi-worker one must exist before TensorFlow runs anything.
+    strategy = distribute.create_strategy(config.train.strategy)
+    distribute.check_config(config, strategy)
+    workdir = distribute.worker_workdir(workdir, strategy)
+    # Writable (else a clear error now, not at the first checkpoint) and ours alone.
+    cleanup.enter_context(workdir_lib.claim(workdir))
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -195,13 +262,16 @@ def train_and_evaluate(config, workdir, callbacks=()):
     batch = config.train.batch_size
     logging.info("Training %d epochs x %d steps of %d images.", config.train.epochs, epoch_steps, batch)
 
-    model = build_model(config, total_steps, epoch_steps)
-    # Resume: the whole training state from the newest intact checkpoint in the workdir, if any.
-    checkpointer = checkpoint_lib.Checkpointer(
-        os.path.join(workdir, CHECKPOINT_DIR), model, max_to_keep=config.train.keep_checkpoints,
-        seed=config.seed, batch_size=batch,
-    )
-    start_step = checkpointer.restore_latest() or 0
+    # Model, optimizer (its slots are built by the restore) and queue are variables of the strategy;
+    # `fit` then splits each global batch over the replicas.
+    with strategy.scope():
+        model = build_model(config, total_steps, epoch_steps)
+        # Resume: the whole training state from the newest intact checkpoint in the workdir, if any.
+        checkpointer = checkpoint_lib.Checkpointer(
+            os.path.join(workdir, CHECKPOINT_DIR), model,
+            max_to_keep=config.train.keep_checkpoints, seed=config.seed, batch_size=batch,
+        )
+        start_step = checkpointer.restore_latest() or 0
     step_log = os.path.join(workdir, STEP_LOG)
     if start_step:
         logging.info("Resuming from step %d (epoch %d, step %d of it) of %d, from %s.", start_step,
@@ -226,6 +296,9 @@ def train_and_evaluate(config, workdir, callbacks=()):
     callbacks.append(keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard")))
     # The step log before the checkpoint: every checkpointed step is already logged.
     callbacks.append(callbacks_lib.StepLog(step_log))
+    # NaN/inf: stop or count skipped steps, before a checkpoint of the step could be written.
+    nan_guard = callbacks_lib.NonFiniteGuard(config.train.get("on_nan", "stop"), checkpointer)
+    callbacks.append(nan_guard)
     callbacks.append(callbacks_lib.PeriodicCheckpoint(
         checkpointer, config.train.checkpoint_every_steps, epoch_steps
     ))
@@ -243,7 +316,10 @@ def train_and_evaluate(config, workdir, callbacks=()):
         "train_seconds": round(sum(throughput.epoch_seconds), 1),
         "final_loss": loss_per_epoch[-1],
         "loss_per_epoch": loss_per_epoch,
+        "skipped_steps": len(nan_guard.skipped_steps),  # train.on_nan=skip_step
     }
+    if config.data.source == "image_folder":
+        results["skipped_images"] = len(datasets.skipped_files(config.data.data_dir))
     if monitor is not None:
         ks = tuple(config.eval.knn_ks)
         if not monitor.history:  # nothing left to train: evaluate the restored weights

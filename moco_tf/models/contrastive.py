@@ -62,6 +62,11 @@ class MoCo(keras.Model):
       loss_scale: multiplies the loss (MoCo v3 uses 2T).
       weight_decay: L2 coefficient added to the gradients, as PyTorch SGD's `weight_decay` does.
       seed: seeds the shuffle-BN permutation of the key batch (a function of seed and step).
+      skip_nonfinite: a step whose loss (or gradient) is NaN/inf changes nothing (weights, BN
+        statistics, optimizer slots, key encoder, queue keep their values; the step still counts
+        in `optimizer.iterations`). Costs a copy of those variables per step, so it is off by
+        default (config `train.on_nan=skip_step`). Either way each step logs `finite` (1.0 or
+        0.0), which `callbacks.NonFiniteGuard` watches.
 
     Variables: `queue` [K, dim] and `queue_ptr` (int) hold the negatives; `momentum` holds m.
     """
@@ -81,6 +86,7 @@ class MoCo(keras.Model):
         loss_scale=1.0,
         weight_decay=0.0,
         seed=0,
+        skip_nonfinite=False,
         name="moco",
         **kwargs,
     ):
@@ -94,6 +100,7 @@ class MoCo(keras.Model):
         self.momentum_scope, self.negatives, self.symmetric = momentum_scope, negatives, symmetric
         self.predictor, self.loss_scale = predictor, loss_scale
         self.weight_decay, self.seed = weight_decay, int(seed)
+        self.skip_nonfinite = bool(skip_nonfinite)
         dim = projector.output_shape[-1]
 
         # Key encoder: a copy of the query encoder (or of its projector only), updated by EMA.
@@ -131,6 +138,16 @@ class MoCo(keras.Model):
         """Query-backbone features [B, D] of images [B, H, W, C]."""
         return self.backbone(images, training=training)
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras (TF backend, under a strategy) builds the model symbolically from a first batch
+        # averaged over the replicas; that average fails for dict inputs under
+        # MultiWorkerMirroredStrategy (keras-team/keras#20329). MoCo is built in __init__, so
+        # only the optimizer's slots are left to create, in the strategy's scope.
+        optimizer = getattr(self, "optimizer", None)
+        if self._distribute_strategy is not None and optimizer is not None and not optimizer.built:
+            with self.distribute_strategy.scope():
+                optimizer.build(self.trainable_variables)
+
     # --- the method ---------------------------------------------------------------------------
 
     def _query(self, features):
@@ -144,11 +161,12 @@ class MoCo(keras.Model):
         if self.momentum_scope == "full":
             # Shuffle-BN: the key encoder sees the batch in another order, so its BN (sub-)batches
             # hold other images than the query's and BN statistics cannot reveal the positive.
+            # Under several replicas the permutation spans the global batch (the same on all).
             step = tf.cast(self.optimizer.iterations, tf.int64)
             seed = tf.stack([tf.constant(self.seed, tf.int64) * 2 + view, step])
-            shuffled, unshuffle = distribute.batch_shuffle(images, seed)
+            shuffled, unshuffle = distribute.shuffle_across_replicas(images, seed)
             out = self.key_projector(self.key_backbone(shuffled, training=True), training=True)
-            out = tf.gather(out, unshuffle)
+            out = unshuffle(tf.cast(out, tf.float32))
         elif self.momentum_scope == "projector":
             out = self.key_projector(tf.stop_gradient(features), training=True)
         else:  # "none": the online encoder, with gradients
@@ -180,6 +198,10 @@ class MoCo(keras.Model):
     def train_step(self, data):
         views, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         x1, x2 = views["view1"], views["view2"]
+        # skip_nonfinite: the state before this step (the forward pass already updates BN
+        # statistics), put back below if the step turns out not finite.
+        state = self._step_state() if self.skip_nonfinite else []
+        saved = [tf.identity(v.value) for v in state]
         with tf.GradientTape() as tape:
             # Query encoder on view 1 (and view 2 when the loss is symmetric or keys need h2).
             h1 = self.backbone(x1, training=True)
@@ -202,8 +224,16 @@ class MoCo(keras.Model):
         # Optimizer step on the query encoder only.
         variables = self.trainable_variables
         grads = tape.gradient(scaled_loss, variables)
+        # NaN/inf check (the loss alone can hide NaN gradients: a ReLU maps NaN to 0 on oneDNN).
+        finite = self._all_finite(loss, grads, all_replicas=self.skip_nonfinite)
+        if self.skip_nonfinite:  # zeros instead of NaN gradients, so no NaN reaches the optimizer
+            grads = [None if g is None else tf.where(finite, g, tf.zeros_like(g)) for g in grads]
         if self.weight_decay:
-            grads = [g + self.weight_decay * tf.cast(v, g.dtype) for g, v in zip(grads, variables)]
+            # The optimizer sums gradients over replicas and divides them by the loss scale: add
+            # 1/replicas of the decay on each, scaled like the loss.
+            wd = self.optimizer.scale_loss(self.weight_decay / distribute.num_replicas())
+            grads = [g + tf.cast(wd, g.dtype) * tf.cast(v, g.dtype)
+                     for g, v in zip(grads, variables)]
         self.optimizer.apply_gradients(zip(grads, variables))
 
         # Momentum update of the key encoder: theta_k <- m * theta_k + (1 - m) * theta_q.
@@ -213,15 +243,49 @@ class MoCo(keras.Model):
         if self.negatives == "queue":
             self._enqueue(distribute.all_gather(k2))
 
-        self.loss_tracker.update_state(tf.reduce_mean(loss))
-        self.top1_tracker.update_state(tf.reduce_mean(hits))
-        return {
+        if self.skip_nonfinite:
+            # Not finite: every variable the step wrote gets its old value back (one select per
+            # variable: no tf.cond around apply_gradients, which a strategy cannot merge_call in).
+            for v, old in zip(state, saved):
+                v.assign(tf.where(finite, v.value, old))
+            weight = tf.cast(finite, tf.float32)  # a skipped step leaves the running means alone
+            self.loss_tracker.update_state(
+                tf.where(finite, tf.reduce_mean(loss), 0.0), sample_weight=weight)
+            self.top1_tracker.update_state(
+                tf.where(finite, tf.reduce_mean(hits), 0.0), sample_weight=weight)
+        else:
+            self.loss_tracker.update_state(tf.reduce_mean(loss))
+            self.top1_tracker.update_state(tf.reduce_mean(hits))
+        logs = {
             "loss": self.loss_tracker.result(),
             "batch_loss": tf.reduce_mean(loss),  # this step's own loss (StepLog), not a mean
             "top1": self.top1_tracker.result(),
             "momentum": tf.identity(self.momentum),
             "lr": tf.cast(self.optimizer.learning_rate, tf.float32),
+            "finite": tf.cast(finite, tf.float32),  # 0.0: NaN/inf loss or gradient (skipped?)
         }
+        return distribute.step_logs(logs)
+
+    def _step_state(self):
+        """The variables a step writes, except the step counter: model variables (weights, BN
+        statistics, key encoder, queue, m) and optimizer slots. A LossScaleOptimizer's own scale
+        is left to it: it skips overflowing steps itself."""
+        optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        counter = id(optimizer.iterations)
+        return list(self.variables) + [v for v in optimizer.variables if id(v) != counter]
+
+    def _all_finite(self, loss, grads, all_replicas=False):
+        """True if the loss (and, without loss scaling, every gradient) is finite; with
+        `all_replicas`, on every replica, so that all replicas take the same decision."""
+        finite = tf.reduce_all(tf.math.is_finite(loss))
+        if not isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            checks = [tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None]
+            finite = tf.logical_and(finite, tf.reduce_all(tf.stack(checks)))
+        ctx = tf.distribute.get_replica_context()
+        if all_replicas and ctx is not None and ctx.num_replicas_in_sync > 1:
+            not_finite = ctx.all_reduce(tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, tf.float32))
+            finite = tf.equal(not_finite, 0.0)
+        return finite
 
     def _enqueue(self, keys):
         """Writes keys [M, dim] at the queue pointer, oldest keys first out (a ring buffer)."""
@@ -250,6 +314,7 @@ class MoCo(keras.Model):
             "loss_scale": self.loss_scale,
             "weight_decay": self.weight_decay,
             "seed": self.seed,
+            "skip_nonfinite": self.skip_nonfinite,
         }
 
     @classmethod

@@ -1,0 +1,507 @@
+"""Reliability: each test feeds the bad thing for real — broken image files, config mistakes on the
+command line, a diverging learning rate, a NaN pixel, a full and a read-only disk, a second run on
+a locked workdir, an allocation too large for any machine — and checks the error says what to do
+and that nothing already saved is lost."""
+import contextlib
+import errno
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from moco_tf import callbacks as callbacks_lib
+from moco_tf import checkpoint as checkpoint_lib
+from moco_tf import config as config_lib
+from moco_tf import data, train_lib
+from moco_tf import workdir as workdir_lib
+from moco_tf.data import datasets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from configs import synthetic  # noqa: E402
+
+
+def small_config(**train):
+    """configs/synthetic.py without evaluation or export: only the training loop."""
+    c = synthetic.get_config()
+    c.eval.knn_every_epochs = 0
+    c.eval.export = False
+    c.train.verbose = 0
+    for key, value in train.items():
+        c.train[key] = value
+    return c
+
+
+@contextlib.contextmanager
+def tmpfs(path, size="1m", options=""):
+    """A real small file system at `path` (root only); skips the test when mount is refused."""
+    os.makedirs(path, exist_ok=True)
+    opts = f"size={size}" + (f",{options}" if options else "")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN): {proc.stderr.strip()}")
+    try:
+        yield str(path)
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+# ----------------------------------------------------------------------------- image folders
+
+
+def _save(path, array, mode=None, **kwargs):
+    image = Image.fromarray(np.asarray(array))
+    (image.convert(mode) if mode else image).save(path, **kwargs)
+
+
+def _noise_image(path, fmt):
+    """A noisy 64x64 image: big enough that cutting it in half truncates the pixel data."""
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format=fmt)
+    return path.read_bytes()
+
+
+def make_messy_folder(root):
+    """Two classes, each with good images of every kind and bad files. Returns the expected
+    (label, RGB colour) of the good images in file order."""
+    a, b = root / "a", root / "b"
+    a.mkdir(parents=True)
+    b.mkdir()
+    expected = []
+    # a: gray, 16-bit gray, RGB JPEG, RGBA — and a truncated JPEG, an HTML page saved as .jpg
+    _save(a / "1_gray.png", np.full((12, 12), 90, np.uint8))
+    expected.append((0, (90, 90, 90)))
+    _save(a / "2_sixteen_bit.png", np.full((9, 9), 32768, np.uint16))  # PIL mode I;16
+    expected.append((0, (128, 128, 128)))  # 32768 * 255 / 65535
+    _save(a / "3_rgb.jpg", np.full((20, 30, 3), (200, 40, 10), np.uint8), quality=95)
+    expected.append((0, (200, 40, 10)))
+    _save(a / "4_rgba.png", np.full((10, 14, 4), (10, 200, 30, 0), np.uint8))  # alpha dropped
+    expected.append((0, (10, 200, 30)))
+    jpeg = _noise_image(a / "5_truncated.jpg", "JPEG")
+    (a / "5_truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (a / "6_page.jpg").write_text("<html><body>404 Not Found</body></html>")
+    (a / "notes.txt").write_text("no image extension: ignored, not counted")
+    # b: CMYK JPEG, palette GIF, TIFF, a 2x3 image (smaller than any crop) — and a truncated
+    # PNG, a PNG with corrupt pixel data, an empty file
+    _save(b / "1_cmyk.jpg", np.full((16, 16, 3), (200, 40, 10), np.uint8), mode="CMYK",
+          quality=95)
+    expected.append((1, (200, 40, 10)))
+    png = _noise_image(b / "2_truncated.png", "PNG")
+    (b / "2_truncated.png").write_bytes(png[: len(png) // 2])
+    _save(b / "3_palette.gif", np.full((10, 10, 3), (0, 0, 255), np.uint8), mode="P")
+    expected.append((1, (0, 0, 255)))
+    corrupt = bytearray(_noise_image(b / "4_corrupt.png", "PNG"))
+    idat = corrupt.index(b"IDAT") + 4
+    corrupt[idat:idat + 200] = b"\x00" * 200  # header intact, compressed pixels destroyed
+    (b / "4_corrupt.png").write_bytes(bytes(corrupt))
+    _save(b / "5_tiny.png", np.full((2, 3, 3), 250, np.uint8))
+    expected.append((1, (250, 250, 250)))
+    _save(b / "6_scan.tif", np.full((8, 8, 3), (50, 60, 70), np.uint8))
+    expected.append((1, (50, 60, 70)))
+    (b / "7_empty.png").write_bytes(b"")
+    return expected
+
+
+def test_bad_files_are_skipped_counted_and_named_and_every_format_is_converted(tmp_path, caplog):
+    expected = make_messy_folder(tmp_path)
+    folder = str(tmp_path)
+    ds = datasets.image_folder(folder, image_size=8, channels=3)
+    # Files that are no image at all are found when listing, before anything is decoded.
+    listed = datasets.skipped_files(folder)
+    assert sorted(os.path.basename(f) for f in listed) == ["6_page.jpg", "7_empty.png"]
+    assert "not an image" in listed[str(tmp_path / "a" / "6_page.jpg")]
+    assert listed[str(tmp_path / "b" / "7_empty.png")] == "empty file"
+    assert "Skipping 2 of 13 files in image folder" in caplog.text and "6_page.jpg" in caplog.text
+
+    out = list(ds.as_numpy_iterator())
+    # Truncated and corrupt files are dropped when decoded; labels stay with their images.
+    skipped = datasets.skipped_files(folder)
+    assert sorted(os.path.basename(f) for f in skipped) == [
+        "2_truncated.png", "4_corrupt.png", "5_truncated.jpg", "6_page.jpg", "7_empty.png"]
+    assert "truncated" in skipped[str(tmp_path / "a" / "5_truncated.jpg")]
+    assert [int(y) for _, y in out] == [label for label, _ in expected]
+    for (image, _), (_, colour) in zip(out, expected):
+        assert image.shape == (8, 8, 3) and image.dtype == np.uint8
+        # JPEG (and CMYK JPEG) are lossy; the lossless formats convert exactly.
+        np.testing.assert_allclose(image.reshape(-1, 3).mean(0), colour, atol=6)
+
+    gray = list(datasets.image_folder(folder, image_size=8, channels=1).as_numpy_iterator())
+    np.testing.assert_array_equal(gray[1][0], 128)  # 16-bit scaled, not clipped at 255
+    np.testing.assert_array_equal(gray[0][0], 90)
+
+    # Training batches from this folder: finite, in [0, 1].
+    cfg = small_config().data
+    cfg.update(dict(source="image_folder", data_dir=folder, channels=3, image_size=8,
+                    mean=(0.5,) * 3, std=(0.25,) * 3, cache=False))
+    batch = next(iter(data.train_dataset(cfg, batch_size=16, seed=0)))
+    for view in (batch["view1"], batch["view2"]):
+        assert np.isfinite(view).all() and 0 <= view.numpy().min() <= view.numpy().max() <= 1
+
+
+def test_on_bad_image_error_names_the_file_at_listing_or_at_decoding(tmp_path):
+    make_messy_folder(tmp_path)
+    with pytest.raises(datasets.DataError,
+                       match=r"2 of 13 files are not readable images: .*6_page.jpg.*"
+                             r"data.on_bad_image=skip"):
+        datasets.image_folder(str(tmp_path), image_size=8, channels=3, on_bad_image="error")
+    # A truncated JPEG has a valid header: found when the pipeline decodes it.
+    folder = tmp_path / "decoding"
+    folder.mkdir()
+    _save(folder / "good.png", np.zeros((8, 8, 3), np.uint8))
+    jpeg = _noise_image(folder / "half.jpg", "JPEG")
+    (folder / "half.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    ds = datasets.image_folder(str(folder), image_size=8, channels=3, on_bad_image="error")
+    config = small_config()
+    with pytest.raises(datasets.DataError, match=r"half.jpg: cannot decode the image \(OSError: "
+                                                 r"image file is truncated"):
+        with train_lib._explained_failures(config):  # what train_and_evaluate wraps fit in
+            list(ds)
+
+
+def test_empty_folders_and_single_image_folders(tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "class_a").mkdir(parents=True)
+    (empty / "class_a" / "readme.txt").write_text("x")
+    with pytest.raises(datasets.DataError, match=f"{empty} contains no images.*1 other files"):
+        datasets.image_folder(str(empty), image_size=8, channels=3)
+    only_bad = tmp_path / "only_bad"
+    only_bad.mkdir()
+    (only_bad / "x.png").write_bytes(b"")
+    with pytest.raises(datasets.DataError, match=f"{only_bad} contains no readable images.*x.png"):
+        datasets.image_folder(str(only_bad), image_size=8, channels=3)
+
+    one = tmp_path / "one"
+    one.mkdir()
+    _save(one / "only.png", np.full((5, 7, 3), 66, np.uint8))  # also smaller than the crop
+    ((image, label),) = list(datasets.image_folder(str(one), image_size=16, channels=3)
+                             .as_numpy_iterator())
+    assert label == -1 and image.shape == (16, 16, 3) and (image == 66).all()
+    cfg = small_config().data
+    cfg.update(dict(source="image_folder", data_dir=str(one), eval_dir=str(one), channels=3,
+                    mean=(0.5,) * 3, std=(0.25,) * 3))
+    views = next(iter(data.train_dataset(cfg, batch_size=2, seed=0)))
+    assert views["view1"].shape == (2, 16, 16, 3)
+    config = small_config(steps_per_epoch=None)
+    config.data = cfg
+    with pytest.raises(config_lib.ConfigError, match=r"'train.batch_size' \(32\) is larger than "
+                                                     r"the training set \(1\)"):
+        train_lib.steps_per_epoch(config)
+
+
+# ----------------------------------------------------------------------------- train.py
+
+
+def _config_file(tmp_path, name, body):
+    path = tmp_path / f"{name}.py"
+    path.write_text("from configs import synthetic\nimport ml_collections\n\n\n"
+                    "def get_config():\n" + textwrap.indent(textwrap.dedent(body), "    "))
+    return str(path)
+
+
+# (name, train.py arguments, the expected one-line message)
+CONFIG_MISTAKES = [
+    ("unknown_key_on_the_command_line", ["--config.train.batch_sze=8"],
+     "Unknown config key 'train.batch_sze'. Did you mean 'train.batch_size'?"),
+    ("unknown_key_in_a_config_file", "c = synthetic.get_config()\nc.moco.temprature = 0.1\nreturn c",
+     "Unknown config key 'moco.temprature'. Did you mean 'moco.temperature'?"),
+    ("wrong_type_on_the_command_line", ["--config.train.epochs=ten"],
+     "--config.train.epochs=ten: invalid literal for int()"),
+    ("wrong_type_in_a_config_file",
+     "raw = synthetic.get_config().to_dict()\nraw['train']['epochs'] = 'ten'\n"
+     "return ml_collections.ConfigDict(raw)",
+     "'train.epochs' must be of type int, got 'ten'."),
+    ("queue_not_a_multiple_of_the_batch", ["--config.moco.queue_size=100"],
+     "'moco.queue_size' (100) must be a multiple of 'train.batch_size' (32)"),
+    ("batch_larger_than_the_dataset",
+     ["--config.train.batch_size=512", "--config.moco.queue_size=1024"],
+     "'train.batch_size' (512) is larger than the training set (256 images of synthetic"),
+    ("temperature_not_positive", ["--config.moco.temperature=0"],
+     "'moco.temperature' must be > 0, got 0"),
+    ("momentum_outside_0_1", ["--config.moco.momentum=1.5"],
+     "'moco.momentum' must be in [0, 1], got 1.5."),
+    ("missing_image_folder",
+     ["--config.data.source=image_folder", "--config.data.data_dir=/nonexistent/images"],
+     "'data.data_dir': the image folder '/nonexistent/images' does not exist."),
+    ("missing_fashion_mnist_folder",
+     ["--config=configs/fashion_mnist.py:smoke", "--config.data.data_dir=/nonexistent/fmnist"],
+     "'data.data_dir': the Fashion-MNIST folder /nonexistent/fmnist does not exist."),
+]
+
+_HOLD_LOCK = """
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("workdir", sys.argv[1])
+workdir = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(workdir)  # the module alone: no TensorFlow, starts in a blink
+workdir.claim(sys.argv[2])
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+# Runs train.py's own entry (absl app.run with its flag parser and main) once per case, each in
+# a process forked from one that imported train.py and TensorFlow once: a fresh start of
+# `python train.py` per case would import TensorFlow each time (~6 s each on 2 busy cores).
+_RUN_CASES = """
+import importlib.util, json, os, sys, traceback
+sys.path.insert(0, os.getcwd())
+spec = importlib.util.spec_from_file_location("train", "train.py")
+train = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(train)
+import moco_tf.train_lib  # noqa: F401  TensorFlow and the package, imported once, no op run
+from absl import app
+children = {}
+for name, args, stderr_path in json.loads(sys.argv[1]):  # all at once: most end in a blink
+    pid = os.fork()
+    if pid == 0:
+        fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(fd, 2)
+        sys.argv = ["train.py", *args]  # as `python train.py ARGS` sets it (absl reads it)
+        code = 0
+        try:
+            app.run(train.main, flags_parser=train._parse_flags)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stderr.flush()
+        os._exit(code)
+    children[name] = pid
+print(json.dumps({name: os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+                  for name, pid in children.items()}))
+"""
+
+
+@pytest.fixture(scope="module")
+def train_py_runs(tmp_path_factory):
+    """train.py's entry on each config mistake (forked, see `_RUN_CASES`), and a real
+    `python train.py` on a workdir locked by a live process, run at the same time.
+    Yields {name: (returncode, stderr, workdir)} and the lock holder's Popen ("holder")."""
+    tmp = tmp_path_factory.mktemp("train_py")
+    cases = []
+    for name, args, _ in CONFIG_MISTAKES:
+        if isinstance(args, str):
+            args = [f"--config={_config_file(tmp, name, args)}"]
+        config = [] if any(a.startswith("--config=") for a in args) else [
+            "--config=configs/synthetic.py"]
+        workdir = str(tmp / name / "workdir")
+        cases.append((name, config + args + [f"--workdir={workdir}"], str(tmp / f"{name}.err")))
+    # A queue of 2^40 keys (512 TB): TensorFlow's allocator really fails (after ~10 s of retries).
+    cases.append(("out_of_memory", ["--config=configs/synthetic.py",
+                                    f"--config.moco.queue_size={2**40}",
+                                    f"--workdir={tmp / 'oom'}"], str(tmp / "oom.err")))
+    locked = str(tmp / "locked_workdir")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, os.path.join(ROOT, "moco_tf", "workdir.py"), locked],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        second = subprocess.Popen(
+            [sys.executable, "train.py", "--config=configs/synthetic.py", f"--workdir={locked}"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        driver = subprocess.run([sys.executable, "-c", _RUN_CASES, json.dumps(cases)], cwd=ROOT,
+                                capture_output=True, text=True, timeout=300)
+        assert driver.returncode == 0, driver.stderr[-3000:]
+        codes = json.loads(driver.stdout.strip().splitlines()[-1])
+        results = {name: (codes[name], open(err).read(), args[-1].split("=", 1)[1])
+                   for name, args, err in cases}
+        out, err = second.communicate(timeout=300)
+        results["locked"] = (second.returncode, err, locked)
+        results["holder"] = holder
+        yield results
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize("name,args,message", CONFIG_MISTAKES, ids=[c[0] for c in CONFIG_MISTAKES])
+def test_train_py_refuses_a_config_mistake_with_one_line_and_exit_2(train_py_runs, name, args,
+                                                                     message):
+    returncode, stderr, workdir = train_py_runs[name]
+    lines = [line for line in stderr.splitlines() if line.startswith("Config error:")]
+    assert returncode == 2, stderr[-2000:]
+    assert len(lines) == 1 and message in lines[0], lines
+    assert "Traceback" not in stderr
+    assert not os.path.exists(workdir)  # stopped before anything was built or written
+
+
+def test_a_second_run_on_a_locked_workdir_is_refused_and_a_dead_holder_is_taken_over(
+        train_py_runs, caplog):
+    returncode, stderr, workdir = train_py_runs["locked"]  # a real `python train.py`
+    holder = train_py_runs["holder"]
+    errors = [line for line in stderr.splitlines() if line.startswith("Error:")]
+    assert returncode == 1, stderr[-2000:]
+    assert len(errors) == 1 and "Traceback" not in stderr
+    assert f"The workdir {workdir} is in use by another training run (pid {holder.pid}" in errors[0]
+    assert not os.path.exists(os.path.join(workdir, "checkpoints"))  # it wrote nothing
+    # kill -9: the holder cannot clean up; its lock file stays, naming it.
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with open(os.path.join(workdir, workdir_lib.LOCK_FILE)) as f:
+        assert json.load(f)["pid"] == holder.pid
+    with workdir_lib.WorkdirLock(workdir):
+        assert f"Taking over the lock {workdir}/.lock of pid {holder.pid}" in caplog.text
+    with workdir_lib.WorkdirLock(workdir):  # released cleanly: nothing to take over
+        pass
+
+
+def test_without_flock_the_lock_checks_the_pid(tmp_path, monkeypatch):
+    """File systems without flock (some network mounts) are simulated by making flock fail
+    with ENOLCK; the pids are real: this process (alive) and a finished child (dead)."""
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(workdir_lib.fcntl, "flock", no_flock)
+    alive = workdir_lib.WorkdirLock(str(tmp_path)).acquire()  # written by this process
+    other_process = dict(workdir_lib._me(), pid=os.getppid(), started="earlier")
+    (tmp_path / workdir_lib.LOCK_FILE).write_text(json.dumps(other_process))
+    with pytest.raises(workdir_lib.WorkdirError, match=f"in use .*pid {os.getppid()}"):
+        workdir_lib.WorkdirLock(str(tmp_path)).acquire()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    (tmp_path / workdir_lib.LOCK_FILE).write_text(
+        json.dumps(dict(other_process, pid=int(dead.stdout))))
+    workdir_lib.WorkdirLock(str(tmp_path)).acquire().release()  # stale: taken over
+    alive.release()
+
+
+# ----------------------------------------------------------------------------- workdir, disk
+
+
+def test_unwritable_workdir_is_refused_before_anything_is_built(tmp_path):
+    """A path under a regular file cannot be created, even by root; a read-only mount cannot be
+    written, even by root (chmod would not stop root, a ro tmpfs does)."""
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(workdir_lib.WorkdirError,
+                       match=r"Cannot create the workdir .*a_file/run: Not a directory"):
+        train_lib.train_and_evaluate(small_config(), str(tmp_path / "a_file" / "run"))
+    with tmpfs(tmp_path / "ro", options="ro") as readonly:
+        with pytest.raises(workdir_lib.WorkdirError,
+                           match=f"The workdir {readonly} is not writable \\(Read-only file system"):
+            train_lib.train_and_evaluate(small_config(), readonly)
+
+
+def test_full_disk_at_save_is_a_clear_error_and_the_previous_checkpoint_stays_intact(tmp_path):
+    """A real 2 MB tmpfs, filled with a file after the first checkpoint."""
+    config = small_config()
+    with tmpfs(tmp_path / "disk", size="2m") as disk:
+        directory = os.path.join(disk, "checkpoints")
+        model = train_lib.build_model(config, 10, 5)
+        model.train_on_batch(_views(np.random.default_rng(0)))  # optimizer slots exist
+        saver = checkpoint_lib.Checkpointer(directory, model, seed=0, batch_size=32)
+        first = saver.save(1, epoch=0)
+        filler = os.path.join(disk, "filler")
+        with open(filler, "wb") as f:
+            f.write(b"\0" * (workdir_lib.free_bytes(disk) - 16 * 1024))
+        with pytest.raises(checkpoint_lib.CheckpointError,
+                           match=r"Could not write checkpoint ckpt-2 .*No space left on device.*"
+                                 rf"The previous checkpoint {first} is intact"):
+            saver.save(2, epoch=0)
+        assert checkpoint_lib.checkpoints_in(directory) == [first]  # no partial ckpt-2 left
+        assert not any("ckpt-2" in name for name in os.listdir(directory))
+        assert checkpoint_lib.verify(first) is None
+        with open(os.path.join(disk, "rest"), "wb") as f, contextlib.suppress(OSError):
+            f.write(b"\0" * 2**21)  # fills the last bytes, then fails: the disk is full
+        # The same full disk at the start of a run: refused before any model is built.
+        with pytest.raises(workdir_lib.WorkdirError, match="not writable \\(No space left"):
+            workdir_lib.check_writable(os.path.join(disk, "next_run"))
+        # TensorFlow reports a full disk as ResourceExhausted, like an OOM: told apart.
+        with pytest.raises(workdir_lib.WorkdirError, match="No space left on device"):
+            with train_lib._explained_failures(config):
+                tf.io.write_file(os.path.join(disk, "big"), b"\0" * 2**20)
+        os.remove(filler)
+        os.remove(os.path.join(disk, "rest"))
+        fresh = train_lib.build_model(config, 10, 5)
+        restorer = checkpoint_lib.Checkpointer(directory, fresh, seed=0, batch_size=32)
+        assert restorer.restore_latest() == 1  # nothing lost: resumes from the intact one
+        assert restorer.save(2, epoch=0).endswith("ckpt-2")
+
+
+# ----------------------------------------------------------------------------- NaN, OOM
+
+
+def test_a_nan_loss_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    """A learning rate of 1e15 per 256 images diverges in the first steps, as a bad lr does."""
+    config = small_config(base_learning_rate=1e15, epochs=1, steps_per_epoch=4,
+                          checkpoint_every_steps=1)
+    workdir = str(tmp_path)
+    with pytest.raises(callbacks_lib.NonFiniteError) as error:
+        train_lib.train_and_evaluate(config, workdir)
+    message = str(error.value)
+    step = int(re.search(r"at step (\d+);", message).group(1))
+    logged = callbacks_lib.read_step_log(os.path.join(workdir, "steps.jsonl"))
+    assert not np.isfinite(logged[step]["loss"]) and np.isfinite(logged[step - 1]["loss"])
+    directory = os.path.join(workdir, "checkpoints")
+    assert checkpoint_lib.checkpoints_in(directory) == [os.path.join(directory, f"ckpt-{step - 1}")]
+    assert f"Last good checkpoint: {directory}/ckpt-{step - 1}." in message
+    assert "train.base_learning_rate" in message and "train.on_nan=skip_step" in message
+    reader = tf.train.load_checkpoint(os.path.join(directory, f"ckpt-{step - 1}"))
+    for name, dtype in reader.get_variable_to_dtype_map().items():
+        if dtype.is_floating:
+            assert np.isfinite(reader.get_tensor(name)).all(), name
+    assert not os.path.exists(os.path.join(workdir, "results.json"))
+    workdir_lib.WorkdirLock(workdir).acquire().release()  # the failed run released its lock
+
+
+def _views(rng, nan=False):
+    x = rng.random((32, 16, 16, 1)).astype(np.float32)
+    if nan:
+        x[3, 5, 5, 0] = np.nan  # one bad pixel
+    return {"view1": x, "view2": rng.random((32, 16, 16, 1)).astype(np.float32)}
+
+
+def _state(model):
+    return [v.numpy().copy() for v in model.variables + model.optimizer.variables]
+
+
+def test_skip_step_leaves_every_variable_unchanged_on_a_nan_batch(tmp_path):
+    rng = np.random.default_rng(0)
+    good1, bad, good2 = _views(rng), _views(rng, nan=True), _views(rng)
+    config = small_config(on_nan="skip_step")
+    model = train_lib.build_model(config, 100, 10)
+    guard = callbacks_lib.NonFiniteGuard("skip_step")
+    guard.set_model(model)
+    assert model.train_on_batch(good1, return_dict=True)["finite"] == 1.0
+    before = _state(model)
+    logs = model.train_on_batch(bad, return_dict=True)
+    after = _state(model)
+    assert logs["finite"] == 0.0
+    guard.on_train_batch_end(0, logs)  # what fit calls after the step
+    assert guard.skipped_steps == [2]
+    changed = [v.path for v, x, y in zip(model.variables + model.optimizer.variables, before, after)
+               if not np.array_equal(x, y)]
+    assert changed == ["sgd/iteration"]  # weights, BN statistics, slots, key encoder, queue kept
+    model.train_on_batch(good2, return_dict=True)
+    assert all(np.isfinite(x).all() for x in _state(model))
+    assert not all(np.array_equal(x, y) for x, y in zip(after, _state(model)))  # training goes on
+
+    # Without skip_step the same batch puts NaN in the weights: no checkpoint takes them.
+    plain = train_lib.build_model(small_config(), 100, 10)
+    assert plain.train_on_batch(bad, return_dict=True)["finite"] == 0.0
+    saver = checkpoint_lib.Checkpointer(str(tmp_path / "ckpt"), plain, seed=0, batch_size=32)
+    periodic = callbacks_lib.PeriodicCheckpoint(saver, every_n_steps=1, steps_per_epoch=10)
+    periodic.set_model(plain)
+    with pytest.raises(callbacks_lib.NonFiniteError, match="variables are not finite"):
+        periodic.on_epoch_end(0)
+    assert checkpoint_lib.checkpoints_in(str(tmp_path / "ckpt")) == []
+
+
+def test_out_of_memory_names_the_knobs_to_turn(train_py_runs):
+    returncode, stderr, _ = train_py_runs["out_of_memory"]
+    errors = [line for line in stderr.splitlines() if line.startswith("Error:")]
+    assert returncode == 1, stderr[-2000:]
+    assert len(errors) == 1 and "Traceback" not in stderr
+    assert errors[0].startswith(
+        "Error: Out of memory (OOM when allocating tensor with shape[1099511627776,")
+    for knob in ("train.batch_size (now 32", "data.image_size (now 16)",
+                 "moco.queue_size (now 1099511627776)", "precision=mixed_bfloat16"):
+        assert knob in errors[0]
