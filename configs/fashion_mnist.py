@@ -1,4 +1,4 @@
-"""The quickstart: MoCo v2 on Fashion-MNIST (real data, 28x28 grayscale), ~30 minutes on 2 CPU cores.
+"""The quickstart: MoCo v2 on Fashion-MNIST (real data, 28x28 grayscale), ~25 minutes on 2 CPU cores.
 
   sudo apt-get install dataset-fashion-mnist    # IDX files in /usr/share/datasets/fashion-mnist
   python train.py --config=configs/fashion_mnist.py --workdir=runs/fashion_mnist
@@ -19,7 +19,7 @@ def get_config(variant=""):
     c.data.image_size = 28
     c.data.channels = 1
     c.data.augmentation = "moco_v2"
-    c.data.crop_scale = (0.3, 1.0)  # milder than ImageNet's 0.2 for 28 px and 12 epochs (pilots)
+    c.data.crop_scale = (0.3, 1.0)  # milder than ImageNet's 0.2 for 28 px and a short run (pilots)
     c.data.mean = (0.2860,)  # Fashion-MNIST training-set statistics
     c.data.std = (0.3530,)
 
@@ -38,13 +38,13 @@ def get_config(variant=""):
     c.moco.momentum = 0.99
     c.moco.temperature = 0.1  # as the official CIFAR demo; beat 0.2 in the pilots
 
-    c.train.epochs = 12  # 234 steps each at ~480 img/s: ~25 minutes of training
+    c.train.epochs = 14  # 234 steps each at ~650 img/s: ~22 minutes of training (measured)
     c.train.batch_size = 256
     c.train.base_learning_rate = 0.03  # lr = 0.03 * batch_size / 256
     c.train.lr_schedule = "cosine"
     c.train.weight_decay = 5e-4
 
-    c.eval.knn_every_epochs = 3
+    c.eval.knn_every_epochs = 4  # ~30 s each; and after the last epoch
     c.eval.raw_pixel_baseline = True
 
     if variant == "smoke":

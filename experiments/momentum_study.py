@@ -12,7 +12,9 @@ method's own loss with respect to each block's output is computed on one fixed p
 block's fluctuation is the mean relative change of that gradient between consecutive probes,
 ||g_t - g_{t-1}|| / ||g_{t-1}||. The paper's finding: it grows towards the final layers.
 
-  python experiments/momentum_study.py --epochs=4 --out=runs/momentum_study    # ~1.5 h on 2 cores
+  python experiments/momentum_study.py --epochs=3 --steps_per_epoch=80 --probe_every=10 \
+      --out=runs/momentum_study    # the README's run: ~40 min on 2 cores
+  python experiments/momentum_study.py --epochs=4 --out=runs/momentum_study    # 4 full epochs: ~1.5 h
 """
 
 import json
