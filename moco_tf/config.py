@@ -226,22 +226,15 @@ def check_data_paths(config: ml_collections.ConfigDict) -> None:
     naming the key and the path. Run before building anything (train_and_evaluate does)."""
     d = config.data
     if d.source == "fashion_mnist":
-        from moco_tf.data.datasets import DEFAULT_FASHION_MNIST_DIR
+        from moco_tf.data.datasets import fashion_mnist_files
 
-        folder = d.data_dir or DEFAULT_FASHION_MNIST_DIR
-        if not os.path.isdir(folder):
-            raise ConfigError(
-                f"'data.data_dir': the Fashion-MNIST folder {folder} does not exist. Install it "
-                f"with `apt-get install dataset-fashion-mnist` or point data.data_dir at a folder "
-                f"with the IDX files ({{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte.gz)."
-            )
-        names = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
-        for split in (d.train_split, d.eval_split):
-            name = names.get(split)
-            if name and not any(os.path.exists(os.path.join(folder, name + ext))
-                                for ext in (".gz", "")):
-                raise ConfigError(f"'data.data_dir': {folder} has no {name}.gz (the "
-                                  f"'{split}' split of Fashion-MNIST).")
+        for key, split in (("data.train_split", d.train_split), ("data.eval_split", d.eval_split)):
+            try:
+                fashion_mnist_files(d.data_dir, split)  # the reader's own lookup and messages
+            except FileNotFoundError as e:
+                raise ConfigError(f"'data.data_dir': {e}") from None
+            except ValueError as e:
+                raise ConfigError(f"'{key}': {e}") from None
     elif d.source == "image_folder":
         if not d.data_dir or not os.path.isdir(d.data_dir):
             raise ConfigError(f"'data.data_dir': the image folder {d.data_dir!r} does not exist.")

@@ -94,7 +94,7 @@ def num_examples(data_cfg, split: str) -> int | None:
     """
     source = data_cfg.source
     if source == "fashion_mnist":
-        images_file = _resolve_idx(_fashion_mnist_paths(data_cfg.data_dir, split)[0])
+        images_file, _ = fashion_mnist_files(data_cfg.data_dir, split)
         with _open_idx(images_file) as f:
             header = f.read(8)
         if len(header) < 8:
@@ -165,9 +165,17 @@ def _fashion_mnist_paths(data_dir: str, split: str) -> tuple[str, str]:
     if split not in _FASHION_MNIST_FILES:
         raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
     if not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"Fashion-MNIST folder {data_dir} does not exist. "
+        raise FileNotFoundError(f"the Fashion-MNIST folder {data_dir} does not exist. "
                                 f"{_FASHION_MNIST_INSTALL}")
     return tuple(os.path.join(data_dir, name) for name in _FASHION_MNIST_FILES[split])
+
+
+def fashion_mnist_files(data_dir: str, split: str) -> tuple[str, str]:
+    """The (images, labels) IDX files of ``split`` as they exist on disk (``.gz`` or raw).
+
+    Raises FileNotFoundError naming the missing folder or file, ValueError for an unknown split.
+    """
+    return tuple(_resolve_idx(path) for path in _fashion_mnist_paths(data_dir, split))
 
 
 def _resolve_idx(path: str) -> str:
