@@ -200,24 +200,20 @@ def _explained_failures(config):
     data.on_bad_image=error) as one of `CLEAR_ERRORS`, with a message that says how."""
     try:
         yield
-    except (tf.errors.ResourceExhaustedError, MemoryError) as e:
+    except (tf.errors.ResourceExhaustedError, MemoryError, OSError) as e:
         first = workdir_lib.first_line(e)
         if workdir_lib.is_disk_full(e):  # TF reports a full disk as ResourceExhausted too
             raise workdir_lib.WorkdirError(
                 f"A write to the disk failed ({first}). Free some space and rerun the same "
                 f"command: training resumes from the last checkpoint.") from e
+        if isinstance(e, OSError):
+            raise
         raise OutOfMemoryError(f"Out of memory ({first}). {_oom_hint(config)}") from e
     except tf.errors.InvalidArgumentError as e:
         message = datasets.data_error_in(e.message)
         if message is None:
             raise
         raise datasets.DataError(message) from e
-    except OSError as e:
-        if not workdir_lib.is_disk_full(e):
-            raise
-        raise workdir_lib.WorkdirError(
-            f"A write to the disk failed ({e}). Free some space and rerun the same command: "
-            f"training resumes from the last checkpoint.") from e
 
 
 def train_and_evaluate(config, workdir, callbacks=()):
