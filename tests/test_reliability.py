@@ -495,6 +495,32 @@ def test_skip_step_leaves_every_variable_unchanged_on_a_nan_batch(tmp_path):
     assert checkpoint_lib.checkpoints_in(str(tmp_path / "ckpt")) == []
 
 
+def test_a_float16_step_the_loss_scaler_skips_still_counts_as_a_batch():
+    import keras
+
+    config = small_config()
+    config.precision = "mixed_float16"
+    try:
+        model = train_lib.build_model(config, 100, 10)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    rng = np.random.default_rng(0)
+    model.train_on_batch(_views(rng))
+    scaler = model.optimizer
+    assert isinstance(scaler, keras.optimizers.LossScaleOptimizer)
+    scaler.dynamic_scale.assign(2.0**127)  # the scaled loss overflows: the scaler skips this update
+    weights = [w.numpy().copy() for w in model.backbone.trainable_weights]
+    model.train_on_batch(_views(rng))
+    assert float(scaler.dynamic_scale.numpy()) == 2.0**126  # skipped and halved...
+    assert all(np.array_equal(w, v.numpy()) for w, v in zip(weights, model.backbone.trainable_weights))
+    # ...yet the step counter (data position on resume, schedules' clock) counts the batch.
+    assert int(model.optimizer.iterations.numpy()) == 2
+    scaler.dynamic_scale.assign(1024.0)
+    model.train_on_batch(_views(rng))
+    assert int(model.optimizer.iterations.numpy()) == 3
+    assert not all(np.array_equal(w, v.numpy()) for w, v in zip(weights, model.backbone.trainable_weights))
+
+
 def test_out_of_memory_names_the_knobs_to_turn(train_py_runs):
     returncode, stderr, _ = train_py_runs["out_of_memory"]
     errors = [line for line in stderr.splitlines() if line.startswith("Error:")]

@@ -234,7 +234,11 @@ class MoCo(keras.Model):
             wd = self.optimizer.scale_loss(self.weight_decay / distribute.num_replicas())
             grads = [g + tf.cast(wd, g.dtype) * tf.cast(v, g.dtype)
                      for g, v in zip(grads, variables)]
+        step = tf.identity(self.optimizer.iterations)
         self.optimizer.apply_gradients(zip(grads, variables))
+        # The step counter is the data position (resume) and the schedules' clock, so every batch
+        # counts: a LossScaleOptimizer does not count a step it skips (fp16 overflow).
+        self.optimizer.iterations.assign(step + 1)
 
         # Momentum update of the key encoder: theta_k <- m * theta_k + (1 - m) * theta_q.
         momentum_lib.ema_update(self._ema_targets, self._ema_sources, self.momentum)
