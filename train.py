@@ -20,6 +20,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where logs, checkpoints, result
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _fail(kind, error, status):
+    print(f"{kind}: {error}", file=sys.stderr)
+    sys.exit(status)
+
+
 def _unknown_override(error, argv):
     """ml_collections' error for `--config.a.b_typo=1` in validate()'s words."""
     names = re.findall(r"[\"']([\w.]+)\\?[\"']", error)  # the bad key, then the suggestion
@@ -40,28 +45,29 @@ def _parse_flags(argv):
         message = str(e)
     except AttributeError as e:  # ml_collections: an override of a key the config does not have
         message = _unknown_override(str(e), argv)
-    print(f"Config error: {' '.join(message.split())}", file=sys.stderr)
-    sys.exit(2)
+    _fail("Config error", " ".join(message.split()), 2)
 
 
 def main(argv):
     del argv
-    from moco_tf import config as config_lib, train_lib
+    from moco_tf import config as config_lib  # no TensorFlow yet: config mistakes show at once
+
+    try:
+        config_lib.validate(_CONFIG.value)
+    except config_lib.ConfigError as e:
+        _fail("Config error", e, 2)
+    from moco_tf import train_lib
     from moco_tf.data.datasets import DataError
 
     logging.set_verbosity(logging.INFO)
     try:
-        config_lib.validate(_CONFIG.value)
         _, results = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except config_lib.ConfigError as e:
-        print(f"Config error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except config_lib.ConfigError as e:  # checks that need TensorFlow (devices, replicas)
+        _fail("Config error", e, 2)
     except DataError as e:  # the data given cannot be used: fix it, like a config
-        print(f"Data error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail("Data error", e, 2)
     except train_lib.CLEAR_ERRORS as e:  # NaN, full disk, workdir in use, out of memory
-        print(f"Error: {e}", file=sys.stderr)
-        sys.exit(1)
+        _fail("Error", e, 1)
     summary = ", ".join(
         f"{k}={results[k]}" for k in ("knn_top1", "knn_top1_k20", "images_per_sec") if k in results
     )

@@ -9,14 +9,30 @@ The public API, named after the paper's terms:
   export_backbone, load_backbone    SavedModel + .keras export of the query backbone
 """
 
-from moco_tf.export import export_backbone, load_backbone
-from moco_tf.models.backbones import build_backbone
-from moco_tf.models.contrastive import MoCo
-from moco_tf.models.heads import build_projector
-from moco_tf.momentum import MomentumSchedule
-from moco_tf.train_lib import build_model, train_and_evaluate
+import importlib
 
-__all__ = [
-    "MoCo", "MomentumSchedule", "build_backbone", "build_model", "build_projector",
-    "export_backbone", "load_backbone", "train_and_evaluate",
-]
+# name -> module. Imported on first use (PEP 562), so that `import moco_tf.config` (every config
+# file does) does not load TensorFlow: train.py reports a config mistake in about a second.
+_API = {
+    "MoCo": "moco_tf.models.contrastive",
+    "MomentumSchedule": "moco_tf.momentum",
+    "build_backbone": "moco_tf.models.backbones",
+    "build_model": "moco_tf.train_lib",
+    "build_projector": "moco_tf.models.heads",
+    "export_backbone": "moco_tf.export",
+    "load_backbone": "moco_tf.export",
+    "train_and_evaluate": "moco_tf.train_lib",
+}
+__all__ = sorted(_API)
+
+
+def __getattr__(name):
+    if name not in _API:
+        raise AttributeError(f"module 'moco_tf' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_API[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_API))
