@@ -38,6 +38,7 @@ def _positive(x):
 
 step = _load("step")
 pipeline = _load("pipeline")
+profile_step = _load("profile_step")
 
 
 def test_step_in_process_reports_required_keys_and_overhead():
@@ -104,6 +105,22 @@ def test_conv_bound_of_our_model_and_share_reached():
     assert _positive(out["conv_bound_img_s"])
     assert out["fit_fp32_pct_of_conv_bound"] == pytest.approx(
         100 * out["fit_fp32_img_s"] / out["conv_bound_img_s"], abs=0.05)
+
+
+def test_profile_sums_the_traced_ops_by_family(tmp_path):
+    assert profile_step.family("_MklNativeConv2DBackpropFilter") == "conv_backward_filter"
+    assert profile_step.family("_MklNativePadWithConv2D") == "conv_forward"
+    assert profile_step.family("_MklNativeFusedBatchNormGradV3") == "batch_norm"
+    assert profile_step.family("Conv2DBackpropInput") == "conv_backward_input"
+    assert profile_step.family("AddV2") == "other"
+    out = profile_step.run(["--size", "8", "--batch", "8", "--queue", "64", "--width", "8",
+                            "--warmup", "1", "--steps", "1", "--logdir", str(tmp_path)])
+    assert sum(out["share_pct"].values()) == pytest.approx(100, abs=0.5)
+    convs = sum(v for k, v in out["share_pct"].items() if k.startswith("conv"))
+    assert out["conv_share_pct"] == pytest.approx(convs, abs=0.5) and convs > 0
+    assert out["share_pct"]["conv_backward_filter"] > 0  # the backward pass was traced too
+    assert _positive(out["op_s_per_step"]) and out["trace_dir"] == str(tmp_path)
+    json.dumps(out, allow_nan=False)
 
 
 def test_step_cli_child_processes_and_torch_ratios():
