@@ -20,9 +20,10 @@ global Keras dtype policy starts fresh):
   conv_bound, torch_conv_bound   the step's convolutions alone: every conv kernel of the model
                           timed in isolation at its shape (forward x2 for query and key,
                           backward to the input and to the filter), summed into a step rate.
-                          No step that runs these kernels can be faster; fit / conv_bound is
-                          how much of that limit a step reaches. torch_conv_bound times
-                          PyTorch's kernels at the reference model's shapes.
+                          A step running these kernels one after the other cannot be faster
+                          (running two at once, as TF's executor does, gains a few percent at
+                          most); fit / conv_bound is the share of that limit a step reaches.
+                          torch_conv_bound times PyTorch's kernels at the reference's shapes.
 
 Timing: `fit` on a cached in-memory dataset of random images (a few distinct batches, repeated);
 the first `--warmup` executions (tracing, allocation) are dropped and the median of the next
@@ -337,10 +338,10 @@ def measure_torch(mode, args):
 
 
 # --- the convolution bound ----------------------------------------------------------------------
-# A TF profile of the fp32 step on this CPU: convolutions (forward, backward to the input, backward
-# to the filter) are ~90% of the op time, BN ~7%, everything else ~3%. Both frameworks run them
-# with oneDNN. Timing each conv kernel alone at the step's shapes gives the fastest step those
-# kernels allow, for our step and for the reference.
+# benchmarks/profile_step.py on the fp32 step on this CPU: convolutions (forward, backward to the
+# input, backward to the filter) are 86% of the op time, BN 9%, everything else 5%. Both frameworks
+# run them with oneDNN. Timing each conv kernel alone at the step's shapes gives the fastest step
+# those kernels allow, for our step and for the reference.
 
 
 def _median_seconds(fn, repeats):
