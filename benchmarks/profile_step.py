@@ -73,18 +73,17 @@ def run(argv=None):
 
     from moco_tf import train_lib
 
-    step_args = step_bench.parse_args(
-        ["--size", str(args.size), "--batch", str(args.batch), "--queue", str(args.queue),
-         "--width", str(args.width), "--backbone", args.backbone])
     try:
-        model = train_lib.build_model(step_bench.moco_config(step_args, args.precision))
+        model = train_lib.build_model(step_bench.moco_config(args, args.precision))
         dataset = step_bench.random_views(args.batch, args.size)
-        step_bench.time_fit(model, dataset, 0, args.warmup)  # tracing, allocation
+        spe = args.steps_per_execution
+        step_bench.time_fit(model, dataset, 0, args.warmup, spe)  # tracing, allocation
         logdir = args.logdir or tempfile.mkdtemp(prefix="moco_profile_")
         tf.profiler.experimental.start(logdir)
         start = time.perf_counter()
-        step_bench.time_fit(model, dataset, 0, args.steps)
-        wall = (time.perf_counter() - start) / args.steps
+        step_bench.time_fit(model, dataset, 0, args.steps, spe)
+        steps = args.steps * spe  # time_fit runs `steps` executions of `spe` steps each
+        wall = (time.perf_counter() - start) / steps
         tf.profiler.experimental.stop()
     finally:
         keras.mixed_precision.set_global_policy("float32")
@@ -96,7 +95,7 @@ def run(argv=None):
     return {
         "precision": args.precision,
         "wall_s_per_step": round(wall, 4),  # includes the profiler's own overhead
-        "op_s_per_step": round(op_total / args.steps, 4),
+        "op_s_per_step": round(op_total / steps, 4),
         "share_pct": {name: round(100 * s / op_total, 1) for name, s in shares.most_common()},
         "conv_share_pct": round(100 * sum(s for n, s in shares.items() if n.startswith("conv"))
                                 / op_total, 1),
@@ -104,18 +103,14 @@ def run(argv=None):
                     for op, s in totals.most_common(args.top)],
         "trace_dir": logdir,
         "settings": {"backbone": args.backbone, "width": args.width, "size": args.size,
-                     "batch": args.batch, "queue": args.queue, "steps": args.steps},
+                     "batch": args.batch, "queue": args.queue, "steps": steps,
+                     "steps_per_execution": spe},
     }
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = step_bench.add_step_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     p.add_argument("--precision", default="float32", help="float32 | mixed_bfloat16")
-    p.add_argument("--size", type=int, default=32)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--queue", type=int, default=4096)
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--backbone", default="resnet18")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=2, help="profiled steps")
     p.add_argument("--top", type=int, default=12, help="op types listed")

@@ -587,18 +587,23 @@ def run(argv=None):
     return out
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_step_args(p):
+    """The step's shape and execution flags (moco_config reads them); profile_step.py shares them."""
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--queue", type=int, default=4096, help="K")
     p.add_argument("--width", type=int, default=64, help="ResNet width (64 = the reference)")
     p.add_argument("--backbone", default="resnet18", help="resnet18 (the reference) | small_cnn")
+    p.add_argument("--steps-per-execution", type=int, default=1)
+    p.add_argument("--jit", action="store_true", help="XLA (slower on this CPU, DESIGN §5)")
+    return p
+
+
+def parse_args(argv=None):
+    p = add_step_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     p.add_argument("--steps", type=int, default=8, help="timed steps per mode")
     p.add_argument("--warmup", type=int, default=2, help="untimed first steps per mode")
     p.add_argument("--repeats", type=int, default=1, help="run the whole sequence N times")
-    p.add_argument("--steps-per-execution", type=int, default=1)
-    p.add_argument("--jit", action="store_true", help="XLA (slower on this CPU, DESIGN §5)")
     p.add_argument("--modes", default="", help=f"comma list, in run order, of {list(MODES)}")
     p.add_argument("--compare-torch", action="store_true",
                    help="also run the PyTorch reference (eager, torch.compile) and check targets")
