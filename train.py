@@ -57,14 +57,13 @@ def main(argv):
     except config_lib.ConfigError as e:
         _fail("Config error", e, 2)
     from moco_tf import train_lib
-    from moco_tf.data.datasets import DataError
 
     logging.set_verbosity(logging.INFO)
     try:
         _, results = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except config_lib.ConfigError as e:  # checks that need TensorFlow (devices, replicas)
         _fail("Config error", e, 2)
-    except DataError as e:  # the data given cannot be used: fix it, like a config
+    except config_lib.DataError as e:  # the data given cannot be used: fix it, like a config
         _fail("Data error", e, 2)
     except train_lib.CLEAR_ERRORS as e:  # NaN, full disk, workdir in use, out of memory
         _fail("Error", e, 1)

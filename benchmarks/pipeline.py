@@ -16,7 +16,16 @@ cached in-memory batches and on the real pipeline; training is input-bound if fe
 the pipeline (which shares the 2 cores) costs more than 5% of the step rate.
 `--step-img-s N` skips that and compares the pipeline's standalone rate with N instead.
 
+JPEG folders (`--source=jpeg_folder [--dir DIR]`, ImageNet-style input: 500x375 photo-like
+JPEGs are made when no --dir is given): two 224-px MoCo v2 views per image, interleaved rounds
+of (1) ours, `moco_tf.data.train_dataset` on the folder as training reads it; (2) the host part
+left with `data.augment_on=device` (decode, crop, resize); (3) torchvision's DataLoader with the
+official two-crop aug+ transforms (PIL, num_workers = cores) in a child process — give an
+interpreter that has torchvision with --torch-python; (4) a decode-only bound (tf.data, one
+full `decode_jpeg` per image, nothing else). Medians of --repeats rounds.
+
     python benchmarks/pipeline.py > pipeline.json                  # ~3 min on 2 idle cores
+    python benchmarks/pipeline.py --source=jpeg_folder --torch-python=/path/venv/bin/python
     python benchmarks/pipeline.py --seconds 1 --batch 16 --examples 512 \\
         --step-config fashion_mnist:smoke --step-steps 2           # smoke run
 """
@@ -73,12 +82,12 @@ def our_pipeline_rate(name, args):
 
 def source_images(name, args):
     """uint8 [N, H, W, C] images of dataset `name`, the ones our pipeline reads."""
-    from moco_tf.data import datasets
+    from moco_tf.data import fashion_mnist, synthetic
 
     d = data_config(name, args)
     if d.source == "fashion_mnist":
-        return datasets.read_fashion_mnist(d.data_dir or FASHION_MNIST_DIR, "train")[0][..., None]
-    return datasets.make_synthetic(args.examples, d.image_size, d.channels, d.num_classes)[0]
+        return fashion_mnist.read_fashion_mnist(d.data_dir or FASHION_MNIST_DIR, "train")[0][..., None]
+    return synthetic.make_synthetic(args.examples, d.image_size, d.channels, d.num_classes)[0]
 
 
 # --- the torch side (child process) -------------------------------------------------------------
@@ -140,7 +149,7 @@ def run_torch_child(name, images, args):
         import numpy as np
 
         np.save(path, images)
-        cmd = [sys.executable, os.path.abspath(__file__), "--child-torch", path,
+        cmd = [args.torch_python or sys.executable, os.path.abspath(__file__), "--child-torch", path,
                "--crop-scale", *map(str, DATASETS[name][2]), "--batch", str(args.batch),
                "--seconds", str(args.seconds), "--workers", str(args.workers)]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -210,6 +219,170 @@ def quickstart_step(args, pipeline_rate):
     }
 
 
+# --- JPEG folders (ImageNet-style) ------------------------------------------------------------
+
+
+def make_jpegs(folder, count, seed=0):
+    """`count` photo-like 500x375 JPEGs (smooth colour fields plus grain, ~80 KB each) in
+    folder/c0/, the size and compression of an average ImageNet training image."""
+    import numpy as np
+    from PIL import Image
+
+    os.makedirs(os.path.join(folder, "c0"), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        coarse = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8))
+        image = np.asarray(coarse.resize((500, 375), Image.BICUBIC), np.float32)
+        image = np.clip(image + rng.normal(0, 12, image.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(image).save(os.path.join(folder, "c0", f"{i:05d}.jpg"), quality=90)
+
+
+def jpeg_data_config(folder, augment_on):
+    from configs import moco_v2
+
+    d = moco_v2.get_config().data
+    d.source, d.data_dir, d.eval_dir, d.augment_on = "image_folder", folder, folder, augment_on
+    return d
+
+
+def jpeg_ours_rate(folder, augment_on, args):
+    from moco_tf import data as data_lib
+
+    ds = data_lib.train_dataset(jpeg_data_config(folder, augment_on), args.batch, seed=0)
+    return measure_rate(iter(ds), args.batch, args.seconds)
+
+
+def jpeg_decode_only_rate(folder, args):
+    """The bound: every image read and fully decoded once by tf.data, nothing else."""
+    import glob
+
+    import tensorflow as tf
+
+    files = sorted(glob.glob(os.path.join(folder, "**", "*.jpg"), recursive=True))
+    ds = (tf.data.Dataset.from_tensor_slices(files).repeat()
+          .map(lambda f: tf.shape(tf.io.decode_jpeg(tf.io.read_file(f), channels=3)),
+               num_parallel_calls=tf.data.AUTOTUNE)
+          .batch(args.batch).prefetch(tf.data.AUTOTUNE))
+    return measure_rate(iter(ds), args.batch, args.seconds)
+
+
+def torch_folder_rate(folder, args):
+    """torchvision's ImageFolder + the official MoCo v2 TwoCropsTransform, in a DataLoader."""
+    import random
+
+    import torch
+    from PIL import ImageFilter
+    from torchvision import datasets as tv_datasets
+    from torchvision import transforms as T
+
+    class GaussianBlur:  # moco/loader.py
+        def __call__(self, x):
+            return x.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
+
+    augment = T.Compose([
+        T.RandomResizedCrop(224, scale=(0.2, 1.0)),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([GaussianBlur()], p=0.5),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+    ])
+    dataset = tv_datasets.ImageFolder(folder, lambda x: [augment(x), augment(x)])
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch, shuffle=True, num_workers=args.workers, drop_last=True,
+        persistent_workers=args.workers > 0)
+
+    def forever():
+        while True:
+            yield from loader
+
+    return measure_rate(forever(), args.batch, args.seconds)
+
+
+def run_torch_folder_child(folder, args):
+    """torch_folder_rate in a fresh process of `--torch-python`; None if it fails."""
+    cmd = [args.torch_python or sys.executable, os.path.abspath(__file__), "--child-torch-folder",
+           folder, "--batch", str(args.batch), "--seconds", str(args.seconds),
+           "--workers", str(args.workers)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+        print(f"[pipeline.py] torchvision failed: {proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(lines[-1])["img_s"]
+
+
+def photometric_ms_per_image(args):
+    """The photometric stage alone (both views, 224 px): the fused host path vs the plain one
+    (the ops as they were before the fusion), ms per image on this machine."""
+    import tensorflow as tf
+
+    from moco_tf.data import augment
+
+    views = tuple(tf.cast(tf.random.stateless_uniform([args.batch, 224, 224, 3], [k, 0], 0, 256),
+                          tf.uint8) for k in range(2))
+    out = {}
+    for name, fast in (("fast", True), ("plain", False)):
+        fn = tf.function(lambda s, fast=fast: augment.photometric(views, "moco_v2", s, fast=fast))
+        step = iter(range(10**9))
+
+        def batches():
+            while True:
+                yield [x.numpy() for x in fn(tf.constant([next(step), 0], tf.int64))]
+
+        out[name] = round(1000.0 / measure_rate(batches(), args.batch, args.seconds), 3)
+    return out
+
+
+def jpeg_benchmark(args):
+    import statistics
+    import tempfile
+
+    folder = args.dir
+    tmp = None
+    if not folder:
+        tmp = tempfile.TemporaryDirectory()
+        folder = tmp.name
+        make_jpegs(folder, args.images)
+    rounds = {"ours": [], "host_part_device_aug": [], "torchvision": [], "decode_only": []}
+    for r in range(args.repeats):  # interleaved: machine load drifts affect all alike
+        rounds["ours"].append(jpeg_ours_rate(folder, "host", args))
+        rounds["host_part_device_aug"].append(jpeg_ours_rate(folder, "device", args))
+        if not args.no_torch:
+            rate = run_torch_folder_child(folder, args)
+            if rate:
+                rounds["torchvision"].append(rate)
+        rounds["decode_only"].append(jpeg_decode_only_rate(folder, args))
+        print(f"[pipeline.py] round {r + 1}: " + ", ".join(
+            f"{k} {v[-1]}" for k, v in rounds.items() if v), file=sys.stderr)
+    out = {"settings": {"source": "jpeg_folder", "dir": args.dir or f"{args.images} generated "
+                        "500x375 JPEGs", "batch": args.batch, "seconds": args.seconds,
+                        "repeats": args.repeats, "workers": args.workers,
+                        "cpus": os.cpu_count()}}
+    for name, rates in rounds.items():
+        if rates:
+            out[f"jpeg224_{name}_img_s"] = round(statistics.median(rates), 1)
+            out[f"jpeg224_{name}_rounds"] = rates
+    photometric = photometric_ms_per_image(args)
+    out["photometric224_ms_per_image"] = photometric
+    out["photometric224_speedup"] = round(photometric["plain"] / photometric["fast"], 2)
+    targets = [{"target": "photometric stage >= 2x faster than the plain ops",
+                "value": out["photometric224_speedup"], "op": ">=", "bound": 2.0,
+                "pass": out["photometric224_speedup"] >= 2.0}]
+    if "jpeg224_torchvision_img_s" in out:
+        torch_rate = out["jpeg224_torchvision_img_s"]
+        for key, bound in (("ours", 2.0), ("host_part_device_aug", 4.0)):
+            ratio = round(out[f"jpeg224_{key}_img_s"] / torch_rate, 2)
+            out[f"jpeg224_{key}_vs_torchvision"] = ratio
+            targets.append({"target": f"{key} / torchvision", "value": ratio, "op": ">=",
+                            "bound": bound, "pass": ratio >= bound})
+    out["targets"] = targets
+    if tmp is not None:
+        tmp.cleanup()
+    return out
+
+
 # --- entry --------------------------------------------------------------------------------------
 
 
@@ -217,6 +390,10 @@ def run(argv=None):
     args = parse_args(argv)
     if args.child_torch:
         return {"img_s": torch_rate(args.child_torch, args.crop_scale, args)}
+    if args.child_torch_folder:
+        return {"img_s": torch_folder_rate(args.child_torch_folder, args)}
+    if args.source == "jpeg_folder":
+        return jpeg_benchmark(args)
     names = args.datasets.split(",")
     out = {"settings": {"batch": args.batch, "seconds": args.seconds, "workers": args.workers,
                         "cpus": os.cpu_count()}}
@@ -254,11 +431,19 @@ def run(argv=None):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--source", choices=("in_memory", "jpeg_folder"), default="in_memory",
+                   help="in_memory: --datasets below; jpeg_folder: ImageNet-style JPEGs")
+    p.add_argument("--dir", default="", help="jpeg_folder: a folder of class folders of JPEGs")
+    p.add_argument("--images", type=int, default=300, help="jpeg_folder: JPEGs to make")
+    p.add_argument("--repeats", type=int, default=3, help="jpeg_folder: interleaved rounds")
+    p.add_argument("--torch-python", default="",
+                   help="interpreter with torch + torchvision for the reference (default: this)")
     p.add_argument("--datasets", default="fashion_mnist,rgb32",
                    help=f"comma list of {list(DATASETS)}")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--seconds", type=float, default=10.0, help="timed seconds per measurement")
-    p.add_argument("--workers", type=int, default=2, help="torch DataLoader num_workers")
+    p.add_argument("--workers", type=int, default=os.cpu_count(),
+                   help="torch DataLoader num_workers (default: the cores)")
     p.add_argument("--examples", type=int, default=10000,
                    help="synthetic images (rgb32, or fashion_mnist with --synthetic)")
     p.add_argument("--synthetic", action="store_true", help="synthetic fashion_mnist-shaped data")
@@ -270,6 +455,7 @@ def parse_args(argv=None):
     p.add_argument("--step-warmup", type=int, default=2)
     p.add_argument("--no-step", action="store_true", help="skip the input-bound check")
     p.add_argument("--child-torch", default="", help=argparse.SUPPRESS)
+    p.add_argument("--child-torch-folder", default="", help=argparse.SUPPRESS)
     p.add_argument("--crop-scale", type=float, nargs=2, default=(0.2, 1.0), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

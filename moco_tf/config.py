@@ -15,6 +15,10 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message says which key and why."""
 
 
+class DataError(ValueError):
+    """Data that cannot be used as it is; the message names the path or dataset and the fix."""
+
+
 def defaults() -> ml_collections.ConfigDict:
     """Every config key with its default (a small MoCo v2 on Fashion-MNIST)."""
     c = ml_collections.ConfigDict()
@@ -28,15 +32,31 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.source = "fashion_mnist"  # fashion_mnist | tfds | image_folder | synthetic
     c.data.name = ""  # tfds dataset name, e.g. "imagenet2012"
     c.data.data_dir = ""  # IDX dir / image folder / tfds data_dir; "" = the source's default
-    c.data.eval_dir = ""  # image_folder only: labelled folder (class sub-folders) for kNN
+    # image_folder only: the evaluation folder (class sub-folders named like data_dir's).
+    c.data.eval_dir = ""
     c.data.train_split = "train"
     c.data.eval_split = "test"
     c.data.image_size = 28
     c.data.channels = 1
-    c.data.augmentation = "moco_v2"  # moco_v1 | moco_v2 (aug+)
+    c.data.augmentation = "moco_v2"  # moco_v1 | moco_v2 (aug+) | moco_v3
     c.data.crop_scale = (0.2, 1.0)
-    c.data.cache = True
+    c.data.cache = True  # in-memory sources: keep the decoded images after the first epoch
+    # Examples shuffled in memory: decoded images (in-memory sources), encoded images (tfds
+    # ImageNet; ~110 KB each). Image folders shuffle all their file names every epoch.
     c.data.shuffle_buffer = 10000
+    # Where colour jitter, grayscale, blur and solarize run: in the input pipeline (host) or at
+    # the start of train_step on the accelerator (device; the host only decodes and crops).
+    c.data.augment_on = "host"  # host | device
+    # Antialiased resize of the random crops (PIL/torchvision's filter; 2.8x slower to decode and
+    # crop 224-px views than plain bilinear, which TF/JAX SSL pipelines use).
+    c.data.antialias = False
+    # tf.data service dispatcher ("grpc://host:5050"): the input pipeline runs on its workers
+    # (docs/data.md). "" = on this host.
+    c.data.service_address = ""
+    # tfds: prepare a dataset that is not prepared yet — download it, or for manual datasets
+    # (ImageNet) read the archives from tfds_manual_dir.
+    c.data.tfds_download = True
+    c.data.tfds_manual_dir = ""
     # image_folder: a file that is not a readable image is skipped (counted, first names logged)
     # or stops the run with its name: skip | error
     c.data.on_bad_image = "skip"
@@ -110,6 +130,7 @@ _CHOICES = {
     "precision": ("float32", "mixed_bfloat16", "mixed_float16"),
     "data.source": ("fashion_mnist", "tfds", "image_folder", "synthetic"),
     "data.augmentation": ("moco_v1", "moco_v2", "moco_v3"),
+    "data.augment_on": ("host", "device"),
     "model.backbone": ("resnet18", "resnet50", "small_cnn"),
     "model.norm": ("bn", "split_bn", "sync_bn"),
     "model.projector": ("linear", "mlp"),
@@ -196,6 +217,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"'model.split_bn_groups' ({config.model.split_bn_groups})."
         )
     d = config.data
+    if d.service_address and d.source != "image_folder":
+        raise ConfigError(
+            f"'data.service_address' works with data.source='image_folder' (the tf.data service "
+            f"is for large JPEG collections); {d.source!r} runs on this host: set it to ''.")
     if len(d.mean) != d.channels or len(d.std) != d.channels:
         raise ConfigError(
             f"'data.mean' and 'data.std' need one value per channel ({d.channels})."
@@ -226,7 +251,7 @@ def check_data_paths(config: ml_collections.ConfigDict) -> None:
     naming the key and the path. Run before building anything (train_and_evaluate does)."""
     d = config.data
     if d.source == "fashion_mnist":
-        from moco_tf.data.datasets import fashion_mnist_files
+        from moco_tf.data.fashion_mnist import fashion_mnist_files
 
         for key, split in (("data.train_split", d.train_split), ("data.eval_split", d.eval_split)):
             try:

@@ -21,7 +21,7 @@ from moco_tf import distribute
 from moco_tf import export as export_lib
 from moco_tf import momentum as momentum_lib
 from moco_tf import workdir as workdir_lib
-from moco_tf.data import datasets
+from moco_tf.data import datasets, image_folder
 from moco_tf.eval import knn
 from moco_tf.models import backbones, heads
 from moco_tf.models.contrastive import MoCo
@@ -85,6 +85,8 @@ def build_model(config, total_steps=1, epoch_steps=1) -> MoCo:
         symmetric=c.symmetric, predictor=predictor, loss_scale=c.loss_scale,
         weight_decay=config.train.weight_decay if config.train.optimizer == "sgd" else 0.0,
         seed=config.seed, skip_nonfinite=config.train.get("on_nan", "stop") == "skip_step",
+        augmenter=(data_lib.augment.PhotometricAugmenter(d.augmentation, config.seed)
+                   if d.augment_on == "device" else None),
     )
     lr = learning_rate(config, total_steps, epoch_steps)
     if config.train.optimizer == "lars":
@@ -134,6 +136,22 @@ CHECKPOINT_DIR = "checkpoints"
 PROJECTOR_EXAMPLES = 2000  # test images shown in TensorBoard's embedding projector
 
 
+def train_input(config, strategy, start_batch=0):
+    """The training batches `fit` reads, from batch `start_batch` on.
+
+    One pipeline of global batches, which Keras splits over the replicas, except for records
+    (image folders, tfds ImageNet) under several replicas: there every input pipeline (one per
+    host) reads its own share of the files and yields per-replica batches
+    (`distribute_datasets_from_function`), so no host decodes the images of another.
+    """
+    d, batch = config.data, config.train.batch_size
+    if strategy.num_replicas_in_sync > 1 and datasets.uses_records(d) and not d.service_address:
+        return strategy.distribute_datasets_from_function(
+            lambda context: data_lib.train_dataset(d, batch, config.seed, start_batch=start_batch,
+                                                   input_context=context))
+    return data_lib.train_dataset(d, batch, config.seed, start_batch=start_batch)
+
+
 def _fit_from(model, config, start_step, epoch_steps, callbacks):
     """Trains from global step `start_step` to the end; step i always trains on batch i.
 
@@ -148,9 +166,7 @@ def _fit_from(model, config, start_step, epoch_steps, callbacks):
     epoch, done = divmod(start_step, epoch_steps)
 
     def fit(first_epoch, end_epoch, steps, first_batch):
-        train_ds = data_lib.train_dataset(
-            config.data, config.train.batch_size, config.seed, start_batch=first_batch
-        )
+        train_ds = train_input(config, model.distribute_strategy, first_batch)
         return model.fit(
             train_ds, initial_epoch=first_epoch, epochs=end_epoch, steps_per_epoch=steps,
             callbacks=callbacks, verbose=config.train.verbose, shuffle=False,  # tf.data shuffles
@@ -179,7 +195,7 @@ class OutOfMemoryError(RuntimeError):
 
 
 # Failures whose message says what to do: train.py prints them as one line, without a traceback.
-CLEAR_ERRORS = (datasets.DataError, workdir_lib.WorkdirError, checkpoint_lib.CheckpointError,
+CLEAR_ERRORS = (config_lib.DataError, workdir_lib.WorkdirError, checkpoint_lib.CheckpointError,
                 callbacks_lib.NonFiniteError, OutOfMemoryError)
 
 
@@ -213,7 +229,7 @@ def _explained_failures(config):
         message = datasets.data_error_in(e.message)
         if message is None:
             raise
-        raise datasets.DataError(message) from e
+        raise config_lib.DataError(message) from e
 
 
 def train_and_evaluate(config, workdir, callbacks=()):
@@ -236,7 +252,7 @@ def train_and_evaluate(config, workdir, callbacks=()):
       (model, results): the trained MoCo model and the dict written to `<workdir>/results.json`.
     """
     config_lib.validate(config)
-    config_lib.check_data_paths(config)
+    datasets.check(config)
     with contextlib.ExitStack() as cleanup, _explained_failures(config):
         return _train_and_evaluate(config, workdir, callbacks, cleanup)
 
@@ -315,7 +331,7 @@ def _train_and_evaluate(config, workdir, callbacks, cleanup):
         "skipped_steps": len(nan_guard.skipped_steps),  # train.on_nan=skip_step
     }
     if config.data.source == "image_folder":
-        results["skipped_images"] = len(datasets.skipped_files(config.data.data_dir))
+        results["skipped_images"] = len(image_folder.skipped_files(config.data.data_dir))
     if monitor is not None:
         ks = tuple(config.eval.knn_ks)
         if not monitor.history:  # nothing left to train: evaluate the restored weights

@@ -6,6 +6,8 @@ pytest process:
   python tests/distribute_worker.py replicas OUT.npz
       2 logical CPU devices, MirroredStrategy: a queue/shuffle-BN probe run and 2-replica vs
       1-replica steps on the same global batches.
+  python tests/distribute_worker.py records OUT.npz
+      2 logical CPU devices, MirroredStrategy: train_and_evaluate on an image folder.
   TF_CONFIG=... python tests/distribute_worker.py multi_worker OUT_DIR
       one worker of a MultiWorkerMirroredStrategy cluster: `train_and_evaluate` for a few steps,
       then the queue is saved to OUT_DIR/queue_<task index>.npy.
@@ -165,6 +167,37 @@ def replicas_main(path):
     np.savez(path, **out)
 
 
+def records_main(path):
+    """train_and_evaluate on an image folder under a 2-replica MirroredStrategy: every replica
+    gets per-replica batches from `distribute_datasets_from_function`, augmented on the device.
+    (A process of its own: a second MirroredStrategy in one process mixes up collective keys.)"""
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    out, folder = {}, os.path.join(os.path.dirname(path), "records")
+    from PIL import Image
+
+    from moco_tf import train_lib
+
+    rng = np.random.default_rng(0)
+    for k in range(GLOBAL_BATCH * 2):
+        os.makedirs(os.path.join(folder, "images", f"c{k % 2}"), exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (12 + k % 5, 14, 3), dtype=np.uint8)).save(
+            os.path.join(folder, "images", f"c{k % 2}", f"{k}.jpg"))
+    c = small_config("bn")
+    c.train.strategy = "mirrored"
+    c.data.update(dict(source="image_folder", data_dir=os.path.join(folder, "images"),
+                       eval_dir=os.path.join(folder, "images"), channels=3, mean=(0.5,) * 3,
+                       std=(0.25,) * 3, augment_on="device"))
+    c.train.epochs, c.train.steps_per_epoch = 1, STEPS
+    c.eval.knn_every_epochs, c.eval.export = 0, False
+    model, results = train_lib.train_and_evaluate(c, os.path.join(folder, "run"))
+    out["records_steps"] = np.int64(results["steps"])
+    out["records_final_loss"] = np.float64(results["final_loss"])
+    out["records_input"] = np.array(type(train_lib.train_input(
+        c, model.distribute_strategy)).__name__)
+    np.savez(path, **out)
+
+
 def multi_worker_main(out_dir):
     from moco_tf import train_lib
 
@@ -181,4 +214,5 @@ def multi_worker_main(out_dir):
 
 if __name__ == "__main__":
     mode, target = sys.argv[1], sys.argv[2]
-    {"replicas": replicas_main, "multi_worker": multi_worker_main}[mode](target)
+    {"replicas": replicas_main, "records": records_main,
+     "multi_worker": multi_worker_main}[mode](target)

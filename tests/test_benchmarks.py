@@ -186,6 +186,23 @@ def test_pipeline_ours_vs_torchvision():
         assert target["pass"] == (target["value"] >= 2.0)
 
 
+def test_pipeline_jpeg_folder_reports_every_rate_and_target():
+    out = pipeline.run(["--source", "jpeg_folder", "--images", "6", "--batch", "4",
+                        "--seconds", "0.2", "--repeats", "1", "--workers", "1"]
+                       + ([] if _has_torch() else ["--no-torch"]))
+    for key in ("jpeg224_ours_img_s", "jpeg224_host_part_device_aug_img_s",
+                "jpeg224_decode_only_img_s"):
+        assert _positive(out[key]), key
+    assert _positive(out["photometric224_ms_per_image"]["fast"])
+    assert out["photometric224_speedup"] == pytest.approx(
+        out["photometric224_ms_per_image"]["plain"] / out["photometric224_ms_per_image"]["fast"],
+        abs=0.01)
+    assert out["targets"][0]["pass"] == (out["photometric224_speedup"] >= 2.0)
+    if _has_torch():
+        assert out["jpeg224_ours_vs_torchvision"] == pytest.approx(
+            out["jpeg224_ours_img_s"] / out["jpeg224_torchvision_img_s"], abs=0.01)
+
+
 def test_pipeline_quickstart_input_bound_check():
     out = pipeline.run(["--datasets", "fashion_mnist", "--seconds", "0.3", "--batch", "16",
                         "--synthetic", "--examples", "256", "--no-torch", "--step-config",

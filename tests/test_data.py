@@ -9,9 +9,10 @@ import pytest
 import tensorflow as tf
 
 from moco_tf import data
-from moco_tf.data import augment, datasets
+from moco_tf.config import DataError
+from moco_tf.data import augment, crops, fashion_mnist, synthetic, tfds_source
 
-FMNIST_DIR = datasets.DEFAULT_FASHION_MNIST_DIR
+FMNIST_DIR = fashion_mnist.DEFAULT_FASHION_MNIST_DIR
 
 
 def data_cfg(**overrides):
@@ -56,17 +57,17 @@ def ramp_images(batch, size, channels=1):
 def test_idx_parsing_of_written_files(tmp_path):
     arrays = write_tiny_fashion_mnist(str(tmp_path))
     for split in ("train", "test"):
-        images, labels = datasets.read_fashion_mnist(str(tmp_path), split)
+        images, labels = fashion_mnist.read_fashion_mnist(str(tmp_path), split)
         np.testing.assert_array_equal(images, arrays[split][0])
         np.testing.assert_array_equal(labels, arrays[split][1])
         assert labels.dtype == np.int32
     cfg = data_cfg(source="fashion_mnist", data_dir=str(tmp_path))
     assert data.num_examples(cfg, "train") == 12 and data.num_examples(cfg, "test") == 5
-    pairs = list(data.load(cfg, "test").as_numpy_iterator())
+    pairs = list(data.images(cfg, "test").as_numpy_iterator())
     assert len(pairs) == 5 and pairs[0][0].shape == (28, 28, 1) and pairs[0][0].dtype == np.uint8
     np.testing.assert_array_equal(pairs[3][0][..., 0], arrays["test"][0][3])
     assert [int(y) for _, y in pairs] == [0, 1, 2, 3, 4]
-    rgb = next(iter(data.load(data_cfg(source="fashion_mnist", data_dir=str(tmp_path),
+    rgb = next(iter(data.images(data_cfg(source="fashion_mnist", data_dir=str(tmp_path),
                                        channels=3), "test")))[0].numpy()
     assert rgb.shape == (28, 28, 3) and (rgb[..., 0] == rgb[..., 2]).all()
 
@@ -77,21 +78,21 @@ def test_idx_errors_name_the_file(tmp_path):
     write_idx(str(bad), np.zeros(5), magic=2051)  # an images magic in a labels file
     with pytest.raises(ValueError, match="t10k-labels-idx1-ubyte.gz.*magic.*apt-get install "
                                          "dataset-fashion-mnist"):
-        datasets.read_fashion_mnist(str(tmp_path), "test")
+        fashion_mnist.read_fashion_mnist(str(tmp_path), "test")
     images = tmp_path / "train-images-idx3-ubyte.gz"
     with gzip.open(images, "rb") as f:
         content = f.read()
     with gzip.open(images, "wb") as f:
         f.write(content[:-100])  # truncated
     with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz.*truncated"):
-        datasets.read_fashion_mnist(str(tmp_path), "train")
+        fashion_mnist.read_fashion_mnist(str(tmp_path), "train")
     os.remove(images)
     with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte.gz.*apt-get install"):
-        datasets.read_fashion_mnist(str(tmp_path), "train")
+        fashion_mnist.read_fashion_mnist(str(tmp_path), "train")
     with pytest.raises(FileNotFoundError, match="no_such_dir.*apt-get install"):
-        datasets.fashion_mnist(str(tmp_path / "no_such_dir"), "train")
+        fashion_mnist.fashion_mnist(str(tmp_path / "no_such_dir"), "train")
     with pytest.raises(ValueError, match="'val'"):
-        datasets.fashion_mnist(str(tmp_path), "val")
+        fashion_mnist.fashion_mnist(str(tmp_path), "val")
 
 
 @pytest.mark.skipif(not os.path.isdir(FMNIST_DIR), reason="Fashion-MNIST not installed")
@@ -99,103 +100,32 @@ def test_real_fashion_mnist():
     cfg = data_cfg(source="fashion_mnist")
     assert data.num_examples(cfg, "train") == 60000
     assert data.num_examples(cfg, "test") == 10000
-    images, labels = datasets.read_fashion_mnist("", "test")
+    images, labels = fashion_mnist.read_fashion_mnist("", "test")
     assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
     assert labels.min() == 0 and labels.max() == 9 and np.bincount(labels).tolist() == [1000] * 10
     assert 50 < images.mean() < 100  # real clothing images, not zeros/noise
 
 
-# ----------------------------------------------------------------------------- image_folder
-
-
-def _write(path, array, fmt="png"):
-    array = tf.constant(array, tf.uint8)
-    encoded = tf.io.encode_png(array) if fmt == "png" else tf.io.encode_jpeg(array, quality=100)
-    tf.io.write_file(str(path), encoded)
-
-
-def make_image_folder(root):
-    """Class 'a': a gray PNG and an RGBA PNG; class 'b': an RGB JPEG and a gray+alpha PNG;
-    constant colours and different sizes."""
-    (root / "a").mkdir(parents=True)
-    (root / "b" / "nested").mkdir(parents=True)
-    _write(root / "a" / "gray.png", np.full((20, 30, 1), 77))
-    rgba = np.zeros((24, 24, 4))
-    rgba[..., 0], rgba[..., 1], rgba[..., 2], rgba[..., 3] = 200, 10, 40, 0  # alpha dropped
-    _write(root / "a" / "rgba.PNG", rgba)
-    _write(root / "b" / "rgb.jpg", np.full((13, 9, 3), [30, 220, 90]), fmt="jpeg")
-    _write(root / "b" / "nested" / "gray_alpha.png", np.full((17, 17, 2), [150, 3]))
-    (root / "b" / "notes.txt").write_text("not an image, ignored by extension")
-
-
-def test_image_folder_mixed_channels_to_rgb_and_gray(tmp_path):
-    make_image_folder(tmp_path)
-    assert datasets.image_folder_classes(str(tmp_path)) == ["a", "b"]
-    rgb = list(datasets.image_folder(str(tmp_path), image_size=8, channels=3).as_numpy_iterator())
-    assert [int(y) for _, y in rgb] == [0, 0, 1, 1]
-    assert all(x.shape == (8, 8, 3) and x.dtype == np.uint8 for x, _ in rgb)
-    np.testing.assert_array_equal(rgb[0][0], 77)  # gray → RGB
-    np.testing.assert_array_equal(rgb[1][0].reshape(-1, 3), [[200, 10, 40]] * 64)  # RGBA → RGB
-    np.testing.assert_allclose(rgb[2][0].reshape(-1, 3).mean(0), [30, 220, 90], atol=4)  # JPEG
-    np.testing.assert_array_equal(rgb[3][0], 150)  # gray+alpha → RGB
-    gray = list(datasets.image_folder(str(tmp_path), image_size=8, channels=1).as_numpy_iterator())
-    assert all(x.shape == (8, 8, 1) for x, _ in gray)
-    np.testing.assert_array_equal(gray[0][0], 77)
-    np.testing.assert_allclose(gray[1][0], 0.2989 * 200 + 0.587 * 10 + 0.114 * 40, atol=1)
-    cfg = data_cfg(source="image_folder", data_dir=str(tmp_path),
-                   eval_dir=str(tmp_path / "b" / "nested"), image_size=8)
-    assert data.num_examples(cfg, "train") == 4
-    assert data.num_examples(cfg, "test") == 1
-
-
-def test_image_folder_flat_large_images_and_labels(tmp_path):
-    _write(tmp_path / "x.png", np.full((200, 100, 3), 9))
-    _write(tmp_path / "y.jpeg", np.full((90, 120, 3), 250), fmt="jpeg")
-    out = list(datasets.image_folder(str(tmp_path), image_size=72, channels=3)
-               .as_numpy_iterator())
-    side = datasets.decode_size(72)  # ImageNet-style: stored larger, eval centre-crops 72
-    assert side == 82
-    assert [x.shape for x, _ in out] == [(side, side, 3)] * 2 and [y for _, y in out] == [-1, -1]
-    np.testing.assert_array_equal(out[0][0], 9)
-
-
-def test_image_folder_errors_name_the_path(tmp_path):
-    empty = tmp_path / "empty"
-    (empty / "class_a").mkdir(parents=True)
-    with pytest.raises(ValueError, match=f"{empty}.*no images"):
-        datasets.image_folder(str(empty), image_size=8, channels=3)
-    with pytest.raises(FileNotFoundError, match="missing_folder"):
-        datasets.image_folder(str(tmp_path / "missing_folder"), image_size=8, channels=3)
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "page.jpg").write_text("<html>404</html>")
-    # the only file is not an image: refused when the folder is listed, naming it
-    with pytest.raises(datasets.DataError, match="page.jpg"):
-        datasets.image_folder(str(bad), image_size=8, channels=3)
-    with pytest.raises(ValueError, match="data.eval_dir"):
-        data.load(data_cfg(source="image_folder", data_dir=str(bad)), "test")
-
-
 def test_load_rejects_bad_config():
     with pytest.raises(ValueError, match="data.source"):
-        data.load(data_cfg(source="imagenet"), "train")
+        data.images(data_cfg(source="imagenet"), "train")
     with pytest.raises(ValueError, match="data.channels"):
-        data.load(data_cfg(channels=2), "train")
+        data.images(data_cfg(channels=2), "train")
 
 
 def test_tfds_unknown_name_is_a_clear_error():
-    with pytest.raises(ValueError, match="no_such_dataset_xyz.*not a tfds dataset"):
-        datasets.tfds_source("no_such_dataset_xyz", "train")
-    with pytest.raises(ValueError, match="data.name"):
-        datasets.tfds_source("", "train")
+    with pytest.raises(DataError, match="no_such_dataset_xyz.*not a tfds dataset"):
+        tfds_source.builder(data_cfg(source="tfds", name="no_such_dataset_xyz"))
+    with pytest.raises(DataError, match="data.name"):
+        tfds_source.builder(data_cfg(source="tfds", name=""))
 
 
 def test_synthetic_is_deterministic_and_learnable():
-    x1, y1 = datasets.make_synthetic(200, 16, 3, 5, seed=0)
-    x2, _ = datasets.make_synthetic(200, 16, 3, 5, seed=0)
+    x1, y1 = synthetic.make_synthetic(200, 16, 3, 5, seed=0)
+    x2, _ = synthetic.make_synthetic(200, 16, 3, 5, seed=0)
     np.testing.assert_array_equal(x1, x2)
     assert x1.shape == (200, 16, 16, 3) and x1.dtype == np.uint8 and set(y1) == set(range(5))
-    xt, yt = datasets.make_synthetic(100, 16, 3, 5, seed=1)
+    xt, yt = synthetic.make_synthetic(100, 16, 3, 5, seed=1)
     flat = lambda x: x.reshape(len(x), -1).astype(np.float32)  # noqa: E731
     centroids = np.stack([flat(x1)[y1 == k].mean(0) for k in range(5)])
     pred = np.argmin(((flat(xt)[:, None] - centroids[None]) ** 2).sum(-1), 1)
@@ -275,7 +205,7 @@ def test_full_scale_crop_without_flip_is_the_resized_image():
 def test_crop_boxes_respect_scale_ratio_and_bounds():
     h, w, s, n = 30, 40, 10, 500
     scale, ratio = (0.3, 0.5), (3 / 4, 4 / 3)
-    boxes = augment.sample_crop_boxes(tf.constant([1, 2]), n, h, w, s, scale, ratio).numpy()
+    boxes = crops.sample_crop_boxes(tf.constant([1, 2]), n, h, w, s, scale, ratio).numpy()
     y1, x1, y2, x2 = (boxes[:, i] for i in range(4))
     # Invert the half-pixel placement: extent = (x2 - x1)·(W-1) / (1 - 1/S).
     ch, cw = (y2 - y1) * (h - 1) / (1 - 1 / s), (x2 - x1) * (w - 1) / (1 - 1 / s)
@@ -319,7 +249,7 @@ def test_gaussian_blur():
 
 def test_eval_transform_centre_crops_large_images():
     images = tf.constant(np.random.default_rng(2).integers(0, 256, (2, 82, 82, 3)), tf.uint8)
-    out = data.eval_transform(images, 72).numpy()  # stored at decode_size(72) = 82
+    out = data.eval_transform(images, 72).numpy()  # Resize(72 / 0.875 = 82) + CenterCrop(72)
     np.testing.assert_allclose(out, images.numpy()[:, 5:77, 5:77] / 255.0, atol=1e-5)
     up = data.eval_transform(images[:, :10, :20], 16).numpy()
     assert up.shape == (2, 16, 16, 3) and 0 <= up.min() and up.max() <= 1
@@ -388,29 +318,3 @@ def test_eval_dataset_deterministic_finite_and_complete():
         assert x1.dtype == np.float32 and y1.dtype == np.int32
         assert x1.shape[1:] == (12, 12, 3) and np.isfinite(x1).all()
         assert 0 <= x1.min() <= x1.max() <= 1
-
-
-def test_image_folder_pipelines(tmp_path):
-    make_image_folder(tmp_path / "train")
-    make_image_folder(tmp_path / "val")
-    cfg = data_cfg(source="image_folder", data_dir=str(tmp_path / "train"),
-                   eval_dir=str(tmp_path / "val"), channels=3, image_size=8, cache=False)
-    b = next(iter(data.train_dataset(cfg, batch_size=4, seed=0)))
-    assert b["view1"].shape == (4, 8, 8, 3)
-    x, y = next(iter(data.eval_dataset(cfg, batch_size=8)))
-    assert x.shape == (4, 8, 8, 3) and y.numpy().tolist() == [0, 0, 1, 1]
-
-
-def test_tfds_images_are_fitted_like_folders():
-    # tfds gives fixed-size (CIFAR) or variable-size (ImageNet) images; test the fitting step.
-    def gen():
-        yield np.full((50, 70, 3), 40, np.uint8)
-        yield np.full((90, 60, 3), 200, np.uint8)
-
-    variable = tf.data.Dataset.from_generator(
-        gen, output_signature=tf.TensorSpec([None, None, 3], tf.uint8))
-    out = [x for x in variable.map(lambda x: datasets._fit_tfds_image(x, 72, 1))]
-    assert [x.shape for x in out] == [(82, 82, 1)] * 2
-    np.testing.assert_array_equal(out[1], 200)
-    fixed = tf.zeros([32, 32, 3], tf.uint8)
-    assert datasets._fit_tfds_image(fixed, 28, 3).shape == (32, 32, 3)  # native size kept

@@ -22,7 +22,8 @@ from moco_tf import checkpoint as checkpoint_lib
 from moco_tf import config as config_lib
 from moco_tf import data, train_lib
 from moco_tf import workdir as workdir_lib
-from moco_tf.data import datasets
+from moco_tf.config import DataError
+from moco_tf.data import image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -112,37 +113,49 @@ def make_messy_folder(root):
     return expected
 
 
+def folder_images(folder, channels=3, size=8, **overrides):
+    """`data.images` of an image folder: the decoded evaluation views, (image, label) pairs."""
+    cfg = small_config().data
+    cfg.update(dict(source="image_folder", data_dir=str(folder), channels=channels,
+                    image_size=size, mean=(0.5,) * channels, std=(0.25,) * channels,
+                    cache=False, **overrides))
+    return cfg, data.images(cfg, cfg.train_split)
+
+
 def test_bad_files_are_skipped_counted_and_named_and_every_format_is_converted(tmp_path, caplog):
     expected = make_messy_folder(tmp_path)
     folder = str(tmp_path)
-    ds = datasets.image_folder(folder, image_size=8, channels=3)
-    # Files that are no image at all are found when listing, before anything is decoded.
-    listed = datasets.skipped_files(folder)
-    assert sorted(os.path.basename(f) for f in listed) == ["6_page.jpg", "7_empty.png"]
+    cfg, ds = folder_images(folder)
+    # Files that are no image at all, empty or truncated are found when listing, before
+    # anything is decoded.
+    listed = image_folder.skipped_files(folder)
+    assert sorted(os.path.basename(f) for f in listed) == [
+        "2_truncated.png", "5_truncated.jpg", "6_page.jpg", "7_empty.png"]
     assert "not an image" in listed[str(tmp_path / "a" / "6_page.jpg")]
     assert listed[str(tmp_path / "b" / "7_empty.png")] == "empty file"
-    assert "Skipping 2 of 13 files in image folder" in caplog.text and "6_page.jpg" in caplog.text
+    assert "no JPEG end-of-image marker" in listed[str(tmp_path / "a" / "5_truncated.jpg")]
+    assert "no PNG IEND" in listed[str(tmp_path / "b" / "2_truncated.png")]
+    assert "Skipping 4 of 13 files in image folder" in caplog.text and "6_page.jpg" in caplog.text
 
     out = list(ds.as_numpy_iterator())
-    # Truncated and corrupt files are dropped when decoded; labels stay with their images.
-    skipped = datasets.skipped_files(folder)
+    # Corrupt pixel data behind a valid header and end is dropped when decoded, and named;
+    # labels stay with their images.
+    skipped = image_folder.skipped_files(folder)
     assert sorted(os.path.basename(f) for f in skipped) == [
         "2_truncated.png", "4_corrupt.png", "5_truncated.jpg", "6_page.jpg", "7_empty.png"]
-    assert "truncated" in skipped[str(tmp_path / "a" / "5_truncated.jpg")]
+    assert "4_corrupt.png: cannot decode the image" in caplog.text
     assert [int(y) for _, y in out] == [label for label, _ in expected]
     for (image, _), (_, colour) in zip(out, expected):
         assert image.shape == (8, 8, 3) and image.dtype == np.uint8
         # JPEG (and CMYK JPEG) are lossy; the lossless formats convert exactly.
         np.testing.assert_allclose(image.reshape(-1, 3).mean(0), colour, atol=6)
 
-    gray = list(datasets.image_folder(folder, image_size=8, channels=1).as_numpy_iterator())
+    _, gray = folder_images(folder, channels=1)
+    gray = list(gray.as_numpy_iterator())
     np.testing.assert_array_equal(gray[1][0], 128)  # 16-bit scaled, not clipped at 255
     np.testing.assert_array_equal(gray[0][0], 90)
 
     # Training batches from this folder: finite, in [0, 1].
-    cfg = small_config().data
-    cfg.update(dict(source="image_folder", data_dir=folder, channels=3, image_size=8,
-                    mean=(0.5,) * 3, std=(0.25,) * 3, cache=False))
     batch = next(iter(data.train_dataset(cfg, batch_size=16, seed=0)))
     for view in (batch["view1"], batch["view2"]):
         assert np.isfinite(view).all() and 0 <= view.numpy().min() <= view.numpy().max() <= 1
@@ -150,20 +163,21 @@ def test_bad_files_are_skipped_counted_and_named_and_every_format_is_converted(t
 
 def test_on_bad_image_error_names_the_file_at_listing_or_at_decoding(tmp_path):
     make_messy_folder(tmp_path)
-    with pytest.raises(datasets.DataError,
-                       match=r"2 of 13 files are not readable images: .*6_page.jpg.*"
+    with pytest.raises(DataError,
+                       match=r"4 of 13 files are not readable images: .*6_page.jpg.*"
                              r"data.on_bad_image=skip"):
-        datasets.image_folder(str(tmp_path), image_size=8, channels=3, on_bad_image="error")
-    # A truncated JPEG has a valid header: found when the pipeline decodes it.
+        folder_images(tmp_path, on_bad_image="error")
+    # Corrupt data behind a valid header and end: found when the pipeline decodes it.
     folder = tmp_path / "decoding"
     folder.mkdir()
     _save(folder / "good.png", np.zeros((8, 8, 3), np.uint8))
-    jpeg = _noise_image(folder / "half.jpg", "JPEG")
-    (folder / "half.jpg").write_bytes(jpeg[: len(jpeg) // 2])
-    ds = datasets.image_folder(str(folder), image_size=8, channels=3, on_bad_image="error")
+    png = bytearray(_noise_image(folder / "broken.png", "PNG"))
+    idat = png.index(b"IDAT") + 4
+    png[idat:idat + 200] = b"\x00" * 200
+    (folder / "broken.png").write_bytes(bytes(png))
+    _, ds = folder_images(folder, on_bad_image="error")
     config = small_config()
-    with pytest.raises(datasets.DataError, match=r"half.jpg: cannot decode the image \(OSError: "
-                                                 r"image file is truncated"):
+    with pytest.raises(DataError, match=r"broken.png: cannot decode the image \(.*Error"):
         with train_lib._explained_failures(config):  # what train_and_evaluate wraps fit in
             list(ds)
 
@@ -172,23 +186,20 @@ def test_empty_folders_and_single_image_folders(tmp_path):
     empty = tmp_path / "empty"
     (empty / "class_a").mkdir(parents=True)
     (empty / "class_a" / "readme.txt").write_text("x")
-    with pytest.raises(datasets.DataError, match=f"{empty} contains no images.*1 other files"):
-        datasets.image_folder(str(empty), image_size=8, channels=3)
+    with pytest.raises(DataError, match=f"{empty} contains no images.*1 other files"):
+        folder_images(empty)
     only_bad = tmp_path / "only_bad"
     only_bad.mkdir()
     (only_bad / "x.png").write_bytes(b"")
-    with pytest.raises(datasets.DataError, match=f"{only_bad} contains no readable images.*x.png"):
-        datasets.image_folder(str(only_bad), image_size=8, channels=3)
+    with pytest.raises(DataError, match=f"{only_bad} contains no readable images.*x.png"):
+        folder_images(only_bad)
 
     one = tmp_path / "one"
     one.mkdir()
     _save(one / "only.png", np.full((5, 7, 3), 66, np.uint8))  # also smaller than the crop
-    ((image, label),) = list(datasets.image_folder(str(one), image_size=16, channels=3)
-                             .as_numpy_iterator())
+    cfg, ds = folder_images(one, size=16)
+    ((image, label),) = list(ds.as_numpy_iterator())
     assert label == -1 and image.shape == (16, 16, 3) and (image == 66).all()
-    cfg = small_config().data
-    cfg.update(dict(source="image_folder", data_dir=str(one), eval_dir=str(one), channels=3,
-                    mean=(0.5,) * 3, std=(0.25,) * 3))
     views = next(iter(data.train_dataset(cfg, batch_size=2, seed=0)))
     assert views["view1"].shape == (2, 16, 16, 3)
     config = small_config(steps_per_epoch=None)
@@ -235,6 +246,31 @@ CONFIG_MISTAKES = [
     ("missing_fashion_mnist_folder",
      ["--config=configs/fashion_mnist.py:smoke", "--config.data.data_dir=/nonexistent/fmnist"],
      "'data.data_dir': the Fashion-MNIST folder /nonexistent/fmnist does not exist."),
+    ("service_for_an_in_memory_source", ["--config.data.service_address=grpc://localhost:1"],
+     "'data.service_address' works with data.source='image_folder'"),
+    # Data errors: the data given cannot be used as it is (also exit 2, before anything is built).
+    ("unprepared_tfds_imagenet",
+     ["--config=configs/moco_v2.py", "--config.data.data_dir={tmp}/no_tfds"],
+     "Data error: tfds dataset 'imagenet2012' is not prepared in {tmp}/no_tfds and tfds cannot "
+     "download it: manual_dir should contain two files: ILSVRC2012_img_train.tar and "
+     "ILSVRC2012_img_val.tar."),
+    ("unprepared_tfds_without_download",
+     ["--config.data.source=tfds", "--config.data.name=cifar10",
+      "--config.data.data_dir={tmp}/no_tfds", "--config.data.tfds_download=False"],
+     "Data error: tfds dataset 'cifar10' is not prepared in {tmp}/no_tfds. Run `tfds build "
+     "cifar10 --data_dir={tmp}/no_tfds`"),
+    ("flat_validation_folder",
+     ["--config=configs/moco_v2.py", "--config.data.source=image_folder",
+      "--config.data.data_dir={tmp}/ilsvrc/train", "--config.data.eval_dir={tmp}/ilsvrc/val_flat",
+      "--config.train.batch_size=2", "--config.moco.queue_size=4"],
+     "Data error: data.eval_dir ({tmp}/ilsvrc/val_flat) has no class sub-folders, but the kNN "
+     "monitor needs labels."),
+    ("fewer_classes_than_class_folders",
+     ["--config=configs/moco_v2.py", "--config.data.source=image_folder",
+      "--config.data.data_dir={tmp}/ilsvrc/train", "--config.data.eval_dir={tmp}/ilsvrc/train",
+      "--config.data.num_classes=1", "--config.train.batch_size=2", "--config.moco.queue_size=4"],
+     "Config error: 'data.num_classes' (1) is smaller than the 2 classes of {tmp}/ilsvrc/train; "
+     "set data.num_classes=2."),
 ]
 
 _HOLD_LOCK = """
@@ -287,10 +323,15 @@ def train_py_runs(tmp_path_factory):
     `python train.py` on a workdir locked by a live process, run at the same time.
     Yields {name: (returncode, stderr, workdir)} and the lock holder's Popen ("holder")."""
     tmp = tmp_path_factory.mktemp("train_py")
+    for folder in ("ilsvrc/train/n01", "ilsvrc/train/n02", "ilsvrc/val_flat"):
+        os.makedirs(tmp / folder)
+        _save(tmp / folder / "x.jpg", np.full((40, 50, 3), 90, np.uint8))
+        _save(tmp / folder / "y.jpg", np.full((40, 50, 3), 20, np.uint8))
     cases = []
     for name, args, _ in CONFIG_MISTAKES:
         if isinstance(args, str):
             args = [f"--config={_config_file(tmp, name, args)}"]
+        args = [a.replace("{tmp}", str(tmp)) for a in args]
         config = [] if any(a.startswith("--config=") for a in args) else [
             "--config=configs/synthetic.py"]
         workdir = str(tmp / name / "workdir")
@@ -327,7 +368,10 @@ def train_py_runs(tmp_path_factory):
 def test_train_py_refuses_a_config_mistake_with_one_line_and_exit_2(train_py_runs, name, args,
                                                                      message):
     returncode, stderr, workdir = train_py_runs[name]
-    lines = [line for line in stderr.splitlines() if line.startswith("Config error:")]
+    tmp = os.path.dirname(os.path.dirname(workdir))
+    kind = "Data error:" if message.startswith("Data error:") else "Config error:"
+    message = message.replace("{tmp}", tmp).removeprefix(kind).strip()
+    lines = [line for line in stderr.splitlines() if line.startswith(kind)]
     assert returncode == 2, stderr[-2000:]
     assert len(lines) == 1 and message in lines[0], lines
     assert "Traceback" not in stderr

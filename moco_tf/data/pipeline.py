@@ -1,20 +1,29 @@
-"""tf.data pipelines: two-view training batches and labelled eval batches.
+"""tf.data pipelines: two-view training batches and labelled evaluation batches.
 
-Order (DESIGN §3): decode once → cache the uint8 images (small datasets) → shuffle → repeat →
-batch → augment the whole batch (per-image randomness, seeded by (seed, batch index)) → prefetch.
+In-memory sources (DESIGN §3): decode once → cache the uint8 images → shuffle → repeat → batch →
+crop every view of the batch at once → photometric augmentation → prefetch.
+Records (image folders, tfds ImageNet): shuffle the records (file paths or JPEG bytes) → repeat →
+decode each image once and crop its two views from the whole image → batch → photometric → prefetch.
+
+Every random draw is a pure function of (seed, batch index, image slot), so a pipeline started
+at batch ``start_batch`` gives the batches an uninterrupted one gave (resume). The photometric
+stage (colour jitter, grayscale, blur, solarize) runs here (``data.augment_on = "host"``) or at
+the start of ``train_step`` on the accelerator (``"device"``, ``moco_tf.models.augmenter``), with
+the same seeds: the host then only decodes and crops.
 """
 from __future__ import annotations
 
 import tensorflow as tf
 
-from moco_tf.data import augment, datasets
+from moco_tf.data import augment, datasets, records as records_lib
 
 AUTOTUNE = tf.data.AUTOTUNE
 
 
 def two_view_dataset(images_ds: tf.data.Dataset, *, batch_size: int, kind: str = "moco_v2",
                      image_size: int, crop_scale=(0.2, 1.0), seed: int = 0,
-                     start_batch: int = 0, with_labels: bool = False) -> tf.data.Dataset:
+                     start_batch: int = 0, with_labels: bool = False,
+                     photometric: bool = True) -> tf.data.Dataset:
     """Batches of two views from YOUR dataset of images; shuffle/repeat it beforehand.
 
     Args:
@@ -26,6 +35,8 @@ def two_view_dataset(images_ds: tf.data.Dataset, *, batch_size: int, kind: str =
         the same seed (and the same input order) reproduces its batches.
       start_batch: skip this many batches first (cheap: before augmentation) — to resume.
       with_labels: also yield ``"label"`` int32 [B] (e.g. for an online linear probe).
+      photometric: False leaves colour jitter, grayscale, blur and solarize to the model
+        (``augment_on="device"``): the views are the crops only.
     Returns:
       dataset of ``{"view1": float32 [B,S,S,C], "view2": float32 [B,S,S,C]}`` (+ ``"label"``).
     """
@@ -40,13 +51,12 @@ def two_view_dataset(images_ds: tf.data.Dataset, *, batch_size: int, kind: str =
 
     def make_views(index, batch):
         images, labels = batch
-        view1, view2 = augment.two_view_augment(
-            images, kind=kind, image_size=image_size, crop_scale=tuple(crop_scale),
-            seed=tf.random.experimental.stateless_fold_in(base_seed, index))
-        out = {"view1": view1, "view2": view2}
-        if with_labels:
-            out["label"] = tf.cast(labels, tf.int32)
-        return out
+        seed_i = augment.batch_seed(base_seed, index)
+        views = augment.crop_views(images, kind, image_size=image_size,
+                                   crop_scale=tuple(crop_scale), seed=seed_i)
+        if photometric:
+            views = augment.photometric(views, kind, seed_i)
+        return _output(views, labels, with_labels)
 
     ds = images_ds.batch(batch_size, drop_remainder=True).enumerate()
     if start_batch:
@@ -55,33 +65,133 @@ def two_view_dataset(images_ds: tf.data.Dataset, *, batch_size: int, kind: str =
 
 
 def train_dataset(data_cfg, batch_size: int, seed: int = 0, split: str | None = None, *,
-                  start_batch: int = 0, with_labels: bool = False) -> tf.data.Dataset:
+                  start_batch: int = 0, with_labels: bool = False,
+                  input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
     """Infinite two-view training batches from ``data_cfg`` (the config's ``data`` section).
 
-    Yields ``{"view1", "view2"}`` float32 [B,S,S,C] in [0, 1] (S = data.image_size,
-    C = data.channels); the trainer passes steps_per_epoch (see ``datasets.num_examples``).
-    Shuffling is seeded and reshuffled each epoch; augmentation is seeded by (seed, batch index).
+    Yields ``{"view1", "view2"}`` [B,S,S,C] (S = data.image_size, C = data.channels): float32 in
+    [0, 1], or — with ``data.augment_on="device"`` — the crops only (uint8 from records, float32
+    from in-memory sources) for the model's augmenter. Shuffling is seeded and reshuffled each
+    epoch; augmentation is seeded by (seed, batch index).
+
+    With ``data.service_address`` the pipeline runs on the tf.data service workers (see
+    ``_through_service``).
+
+    Args:
+      batch_size: the global batch; with ``input_context`` (``distribute_datasets_from_function``)
+        this pipeline yields per-replica batches and reads only its share of the files.
+      start_batch: the first batch (resume): records are skipped before they are decoded.
     """
     split = split or data_cfg.train_split
-    cache = bool(data_cfg.cache)
-    # Without a cache, read files in a shuffled order: a shuffle buffer alone over a class-sorted
-    # folder would see one class at a time.
-    ds = datasets.load(data_cfg, split, shuffle_seed=None if cache else seed)
-    if cache:
-        ds = ds.cache()
-    ds = ds.shuffle(int(data_cfg.shuffle_buffer), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.repeat()
-    return two_view_dataset(ds, batch_size=batch_size, kind=data_cfg.augmentation,
-                            image_size=int(data_cfg.image_size), crop_scale=data_cfg.crop_scale,
-                            seed=seed, start_batch=start_batch, with_labels=with_labels)
+    if data_cfg.get("service_address", ""):
+        return _through_service(data_cfg, batch_size, seed, split, with_labels)
+    return _train_dataset(data_cfg, batch_size, seed, split, start_batch, with_labels,
+                          input_context)
+
+
+def _train_dataset(data_cfg, batch_size, seed, split, start_batch, with_labels, input_context,
+                   salt=None):
+    """``train_dataset``. ``salt`` (a tensor; tf.data service workers) replaces the pipeline id
+    in the seeds and builds a pipeline without Python functions, which the workers cannot run."""
+    python = salt is None
+    photometric = data_cfg.get("augment_on", "host") == "host"
+    if not datasets.uses_records(data_cfg):
+        cache = bool(data_cfg.cache)
+        # Without a cache, read files in a shuffled order: a shuffle buffer alone over a
+        # class-sorted source would see one class at a time.
+        ds = datasets.images(data_cfg, split, shuffle_seed=None if cache else seed)
+        if cache:
+            ds = ds.cache()
+        ds = ds.shuffle(int(data_cfg.shuffle_buffer), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.repeat()
+        return two_view_dataset(ds, batch_size=batch_size, kind=data_cfg.augmentation,
+                                image_size=int(data_cfg.image_size),
+                                crop_scale=data_cfg.crop_scale, seed=seed,
+                                start_batch=start_batch, with_labels=with_labels,
+                                photometric=photometric)
+
+    # Records consumed per step by this pipeline, and the batches it yields.
+    per_step, pipeline_id = batch_size, 0
+    if input_context is not None:
+        per_step = batch_size // input_context.num_input_pipelines
+        batch_size = input_context.get_per_replica_batch_size(batch_size)
+        pipeline_id = input_context.input_pipeline_id
+    r = datasets.records(data_cfg, split, shuffle_seed=seed if salt is None else None,
+                         input_context=input_context, python=python)
+    base_seed = tf.cast(tf.stack([seed, pipeline_id if salt is None else salt]), tf.int64)
+    first = start_batch * per_step
+    if r.table is not None:  # an image folder: a new permutation of its files every epoch
+        ds = _epoch_orders(r.table[0].shape[0], base_seed, first).map(
+            lambda i: tuple(tf.gather(column, i) for column in r.table))
+    else:
+        ds = r.ds.shuffle(int(data_cfg.shuffle_buffer), seed=seed,
+                          reshuffle_each_iteration=True).repeat()
+        if first:
+            ds = ds.skip(first)  # records only: nothing is decoded
+    recipes = augment.recipes_of(data_cfg.augmentation)
+    ds = records_lib.train_views(
+        r.decoder, ds, records_lib.locator(ds, first) if python else None,
+        image_size=int(data_cfg.image_size), crop_scale=tuple(data_cfg.crop_scale),
+        flip_p=tuple(recipe.flip_p for recipe in recipes), seed=base_seed,
+        batch_size=batch_size, first_position=first,
+        antialias=bool(data_cfg.get("antialias", False)))
+
+    def batch_views(index, batch):
+        views, labels = batch
+        if photometric:
+            views = augment.photometric(views, recipes, augment.batch_seed(base_seed, index),
+                                        fast=True)
+        return _output(views, labels, with_labels)
+
+    ds = ds.batch(batch_size, drop_remainder=True).enumerate(first // batch_size)
+    return ds.map(batch_views, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+
+
+def _through_service(data_cfg, batch_size, seed, split, with_labels):
+    """The training pipeline run by the tf.data service at ``data.service_address``.
+
+    Each worker runs the whole pipeline (``ShardingPolicy.OFF``): it draws its own permutation of
+    the image folder every epoch and the trainer takes batches from all workers. A worker's
+    randomness is salted with the time it starts, or every worker would produce the same
+    batches; so the data order is not replayed on resume (the training state is). Workers run
+    graph ops only: no PIL files, and a broken image is dropped unnamed.
+    """
+    @tf.autograph.experimental.do_not_convert  # plain Python that builds a pipeline
+    def build(salt):
+        return _train_dataset(data_cfg, batch_size, seed, split, 0, with_labels, None, salt)
+
+    salted = tf.data.Dataset.from_tensors(0).map(
+        lambda _: tf.cast(tf.timestamp() * 1e6, tf.int64)).flat_map(build)
+    return salted.apply(tf.data.experimental.service.distribute(
+        processing_mode=tf.data.experimental.service.ShardingPolicy.OFF,
+        service=data_cfg.service_address, job_name=f"moco_tf_train_{seed}"))
+
+
+def _epoch_orders(n, seed, first_position=0):
+    """Indices of an n-element source for an endless run: epoch e is the permutation drawn from
+    (``seed``, e); starts at ``first_position`` without going through the epochs before it."""
+    first_epoch, offset = divmod(first_position, n)
+
+    def epoch(e):
+        return tf.data.Dataset.from_tensor_slices(tf.random.experimental.stateless_shuffle(
+            tf.range(n), tf.random.experimental.stateless_fold_in(seed, e)))
+
+    return tf.data.Dataset.counter(first_epoch).flat_map(epoch).skip(offset)
+
+
+def _output(views, labels, with_labels):
+    out = {"view1": views[0], "view2": views[1]}
+    if with_labels:
+        out["label"] = tf.cast(labels, tf.int32)
+    return out
 
 
 def eval_dataset(data_cfg, split: str | None = None, batch_size: int = 256) -> tf.data.Dataset:
     """Finite, deterministic labelled batches ``(images float32 [B,S,S,C] in [0,1], labels int32
     [B])`` of ``split`` (default ``data.eval_split``); the last batch may be smaller."""
     split = split or data_cfg.eval_split
-    ds = datasets.load(data_cfg, split)
-    if data_cfg.cache:
+    ds = datasets.images(data_cfg, split)
+    if data_cfg.cache and not datasets.uses_records(data_cfg):
         ds = ds.cache()
     size = int(data_cfg.image_size)
     ds = ds.batch(batch_size).map(

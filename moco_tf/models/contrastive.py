@@ -62,6 +62,9 @@ class MoCo(keras.Model):
       loss_scale: multiplies the loss (MoCo v3 uses 2T).
       weight_decay: L2 coefficient added to the gradients, as PyTorch SGD's `weight_decay` does.
       seed: seeds the shuffle-BN permutation of the key batch (a function of seed and step).
+      augmenter: optional layer ``((view1, view2), step) -> (view1, view2)`` run first in
+        ``train_step`` — the photometric augmentation on the accelerator
+        (``data.PhotometricAugmenter``, ``data.augment_on="device"``); the views may be uint8.
       skip_nonfinite: a step whose loss (or gradient) is NaN/inf changes nothing (weights, BN
         statistics, optimizer slots, key encoder, queue keep their values; the step still counts
         in `optimizer.iterations`). Costs a copy of those variables per step, so it is off by
@@ -86,6 +89,7 @@ class MoCo(keras.Model):
         loss_scale=1.0,
         weight_decay=0.0,
         seed=0,
+        augmenter=None,
         skip_nonfinite=False,
         name="moco",
         **kwargs,
@@ -101,6 +105,7 @@ class MoCo(keras.Model):
         self.predictor, self.loss_scale = predictor, loss_scale
         self.weight_decay, self.seed = weight_decay, int(seed)
         self.skip_nonfinite = bool(skip_nonfinite)
+        self.augmenter = augmenter
         dim = projector.output_shape[-1]
 
         # Key encoder: a copy of the query encoder (or of its projector only), updated by EMA.
@@ -198,6 +203,8 @@ class MoCo(keras.Model):
     def train_step(self, data):
         views, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         x1, x2 = views["view1"], views["view2"]
+        if self.augmenter is not None:  # photometric augmentation here, for batch `step`
+            x1, x2 = self.augmenter((x1, x2), self.optimizer.iterations)
         # skip_nonfinite: the state before this step (the forward pass already updates BN
         # statistics), put back below if the step turns out not finite.
         state = self._step_state() if self.skip_nonfinite else []
@@ -318,13 +325,17 @@ class MoCo(keras.Model):
             "loss_scale": self.loss_scale,
             "weight_decay": self.weight_decay,
             "seed": self.seed,
+            "augmenter": (
+                None if self.augmenter is None
+                else keras.saving.serialize_keras_object(self.augmenter)
+            ),
             "skip_nonfinite": self.skip_nonfinite,
         }
 
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        for key in ("backbone", "projector", "predictor"):
+        for key in ("backbone", "projector", "predictor", "augmenter"):
             if config.get(key) is not None:
                 config[key] = keras.saving.deserialize_keras_object(config[key])
         return cls(**config)

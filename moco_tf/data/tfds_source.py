@@ -1,0 +1,153 @@
+"""TensorFlow Datasets (``data.source = "tfds"``): prepared or preparable, checked before training.
+
+Fixed-size image datasets (CIFAR, MNIST) come decoded and go the in-memory batched path.
+Variable-size ones (ImageNet, Imagenette) come as the encoded JPEG bytes (``SkipDecoding``):
+records for the per-image decoder (``records.py``), so the shuffle buffer holds ~110 KB JPEGs
+instead of ~500 KB decoded images and each view is cropped from the original image.
+
+``prepare(data_cfg)`` runs before any model is built: a prepared dataset passes; one tfds can
+download is downloaded and prepared (``data.tfds_download``); one that needs files a user must
+fetch (ImageNet) is prepared from ``data.tfds_manual_dir`` if given, else refused with what to do.
+"""
+from __future__ import annotations
+
+import os
+
+import tensorflow as tf
+
+from moco_tf.config import DataError
+from moco_tf.data import image_folder
+
+_CATALOG = "https://www.tensorflow.org/datasets/catalog"
+
+
+def builder(data_cfg):
+    """The tfds builder of ``data.name`` in ``data.data_dir``; a clear error for unknown names."""
+    import tensorflow_datasets as tfds
+
+    if not data_cfg.name:
+        raise DataError("data.source='tfds' needs data.name, e.g. 'cifar10' or 'imagenet2012'")
+    try:
+        return tfds.builder(data_cfg.name, data_dir=data_cfg.data_dir or None)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        first_line = str(e).strip().splitlines()[0]  # the rest lists every tfds dataset
+        raise DataError(f"data.name={data_cfg.name!r} is not a tfds dataset ({first_line}); "
+                        f"see {_CATALOG}") from e
+
+
+def _where(b) -> str:
+    return os.path.dirname(os.path.dirname(str(b.data_dir)))  # <data_dir>/<name>/<version>
+
+
+def prepare(data_cfg, splits=()) -> None:
+    """Makes sure ``data.name`` is prepared (downloading it if allowed) and has ``splits``.
+
+    Raises:
+      DataError: unknown name, not prepared and not preparable here, a failed download, or a
+        missing split — each with the command or setting that fixes it.
+    """
+    import tensorflow_datasets as tfds
+
+    b = builder(data_cfg)
+    name = data_cfg.name
+    if not b.is_prepared():
+        manual = b.MANUAL_DOWNLOAD_INSTRUCTIONS
+        manual_dir = data_cfg.get("tfds_manual_dir", "")
+        if manual and not manual_dir:
+            instructions = " ".join(manual.split())
+            raise DataError(
+                f"tfds dataset '{name}' is not prepared in {_where(b)} and tfds cannot download "
+                f"it: {instructions} Then set data.tfds_manual_dir to that folder (training "
+                f"prepares it first, once), or run `tfds build {name} --manual_dir=DIR "
+                f"--data_dir={_where(b)}`; or set data.data_dir to where it is prepared.")
+        if not manual and not data_cfg.get("tfds_download", True):
+            raise DataError(
+                f"tfds dataset '{name}' is not prepared in {_where(b)}. Run `tfds build {name} "
+                f"--data_dir={_where(b)}`, or set data.tfds_download=True to download it now, "
+                f"or set data.data_dir to where it is prepared.")
+        config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
+        try:
+            b.download_and_prepare(download_config=config)
+        except Exception as e:  # noqa: BLE001  network, archive and disk errors of all kinds
+            first = next((ln for ln in str(e).strip().splitlines() if ln.strip()), type(e).__name__)
+            raise DataError(
+                f"could not prepare tfds dataset '{name}' in {_where(b)} ({type(e).__name__}: "
+                f"{first[:300]}). "
+                + (f"Check that data.tfds_manual_dir ({manual_dir}) holds the files tfds asks "
+                   f"for." if manual else "Preparing it downloads it: check the internet "
+                   f"connection, or prepare it on a machine that has one (`tfds build {name}`) "
+                   f"and set data.data_dir to a copy.")) from e
+    available = sorted(b.info.splits.keys())
+    for split in splits:
+        base = split.split("[")[0]  # tfds slicing: "train[:10%]"
+        if base not in available:
+            raise DataError(f"tfds dataset '{name}' has no split {split!r}; it has "
+                            f"{', '.join(available)} (set data.train_split / data.eval_split).")
+
+
+def num_examples(data_cfg, split: str) -> int:
+    """Examples in ``split`` of the prepared dataset (slices like ``train[:10%]`` included)."""
+    import tensorflow_datasets as tfds
+
+    b = builder(data_cfg)
+    if not b.is_prepared():
+        prepare(data_cfg, [split])
+    return int(b.info.splits[split].num_examples)
+
+
+def num_classes(data_cfg) -> int | None:
+    """Classes of the dataset's ``label`` feature; None if it has no labels."""
+    import tensorflow_datasets as tfds
+
+    features = builder(data_cfg).info.features
+    label = features["label"] if "label" in features.keys() else None
+    return int(label.num_classes) if isinstance(label, tfds.features.ClassLabel) else None
+
+
+def is_variable_size(data_cfg) -> bool:
+    """True if the images have no fixed size (ImageNet), False for CIFAR-like datasets."""
+    shape = _image_feature(builder(data_cfg)).shape
+    return shape[0] is None or shape[1] is None
+
+
+def _image_feature(b):
+    import tensorflow_datasets as tfds
+
+    features = b.info.features
+    for key in ("image", *features.keys()):
+        if key in features.keys() and isinstance(features[key], tfds.features.Image):
+            return features[key]
+    raise DataError(f"tfds dataset '{b.name}' has no image feature "
+                    f"(features: {', '.join(features.keys())})")
+
+
+def _load(data_cfg, split, *, decode, shuffle_seed=None, input_context=None):
+    import tensorflow_datasets as tfds
+
+    b = builder(data_cfg)
+    feature = _image_feature(b)
+    key = next(k for k, f in b.info.features.items() if f is feature)
+    label_key = "label" if "label" in b.info.features.keys() else None
+    read_config = tfds.ReadConfig(
+        shuffle_seed=shuffle_seed, shuffle_reshuffle_each_iteration=True,
+        input_context=input_context)
+    ds = b.as_dataset(
+        split=split, shuffle_files=shuffle_seed is not None, read_config=read_config,
+        decoders=None if decode else {key: tfds.decode.SkipDecoding()})
+    return ds.map(lambda ex: (ex[key], tf.cast(ex[label_key], tf.int32) if label_key else
+                              tf.constant(-1, tf.int32)), num_parallel_calls=tf.data.AUTOTUNE), feature
+
+
+def images(data_cfg, split, shuffle_seed=None) -> tf.data.Dataset:
+    """Decoded (uint8 [H, W, C], int32 label) pairs of a fixed-size dataset, native size and
+    channels (the caller converts channels)."""
+    return _load(data_cfg, split, decode=True, shuffle_seed=shuffle_seed)[0]
+
+
+def records(data_cfg, split, *, shuffle_seed=None, input_context=None) -> tf.data.Dataset:
+    """``(jpeg/png bytes, label, kind)`` records of a variable-size dataset; file order shuffled
+    per epoch with ``shuffle_seed``; with ``input_context`` only this input pipeline's files."""
+    ds, feature = _load(data_cfg, split, decode=False, shuffle_seed=shuffle_seed,
+                        input_context=input_context)
+    del feature
+    return ds.map(lambda data, label: (data, label, tf.constant(image_folder.TF_IMAGE, tf.int32)))

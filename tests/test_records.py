@@ -1,0 +1,292 @@
+"""Images of any size read one by one (image folders, tfds ImageNet): torchvision's crops of the
+whole image, decoding of every format, resume, host vs device augmentation, per-host shards,
+the tf.data service."""
+import io
+import math
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from moco_tf import data
+from moco_tf.data import augment, crops, datasets, image_folder, pipeline
+
+
+def folder_cfg(folder, **overrides):
+    cfg = ml_collections.ConfigDict(dict(
+        source="image_folder", name="", data_dir=str(folder), train_split="train",
+        eval_split="test", eval_dir=str(folder), image_size=16, channels=3,
+        augmentation="moco_v2", crop_scale=(0.2, 1.0), cache=False, shuffle_buffer=64,
+        synthetic_examples=40, num_classes=4, augment_on="host", antialias=False,
+        on_bad_image="skip", service_address=""))
+    cfg.update(overrides)
+    return cfg
+
+
+def save(path, array, **kwargs):
+    Image.fromarray(np.asarray(array, np.uint8)).save(path, **kwargs)
+
+
+def gray_folder(root, n=12, size=(20, 30)):
+    """n images, image k a constant gray level 10 + 20k: a crop tells which image it came from."""
+    (root / "c").mkdir(parents=True)
+    for k in range(n):
+        save(root / "c" / f"{k:02d}.png", np.full((*size, 3), 10 + 20 * k))
+    return root
+
+
+def image_ids(views):
+    """Which gray image each view of a batch shows (from its constant level)."""
+    levels = np.asarray(views, np.float32).reshape(len(views), -1).mean(1)
+    if levels.max() <= 1.0:
+        levels = levels * 255
+    return np.round((levels - 10) / 20).astype(int).tolist()
+
+
+# ----------------------------------------------------------------------------- crop boxes
+
+
+def torchvision_get_params(rng, height, width, scale, ratio=(3 / 4, 4 / 3)):
+    """torchvision.transforms.RandomResizedCrop.get_params, transcribed (numpy RNG)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect_ratio = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            i = rng.integers(0, height - h + 1)
+            j = rng.integers(0, width - w + 1)
+            return i, j, h, w
+    in_ratio = float(width) / float(height)
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def ks_statistic(a, b):
+    """Two-sample Kolmogorov-Smirnov statistic max |F_a - F_b|."""
+    grid = np.sort(np.concatenate([a, b]))
+    fa = np.searchsorted(np.sort(a), grid, side="right") / len(a)
+    fb = np.searchsorted(np.sort(b), grid, side="right") / len(b)
+    return np.abs(fa - fb).max()
+
+
+@pytest.mark.parametrize("height,width,scale", [
+    (375, 500, (0.2, 1.0)),    # a 4:3 photo, MoCo's scale
+    (224, 224, (0.08, 1.0)),   # MoCo v3's scale
+    (40, 400, (0.5, 1.0)),     # 1:10 panorama: most tries fail, the centre fallback is common
+])
+def test_crop_windows_follow_torchvision_distribution(height, width, scale):
+    n = 4000
+    ours = crops.crop_windows(tf.constant([0, 7], tf.int64), height, width, n, scale).numpy()
+    rng = np.random.default_rng(0)
+    ref = np.array([torchvision_get_params(rng, height, width, scale) for _ in range(n)])
+    top, left, h, w = ours.T
+    assert (top >= 0).all() and (left >= 0).all()
+    assert (top + h <= height).all() and (left + w <= width).all() and (h > 0).all()
+    # Same distribution of area fraction, aspect ratio and corner (KS test, alpha ~ 0.001:
+    # 1.95 * sqrt(2 / n) = 0.044).
+    for name, f in [("area", lambda t: t[:, 2] * t[:, 3] / (height * width)),
+                    ("log aspect", lambda t: np.log(t[:, 3] / t[:, 2])),
+                    ("top", lambda t: t[:, 0]), ("left", lambda t: t[:, 1])]:
+        d = ks_statistic(f(ours), f(ref))
+        assert d < 1.95 * math.sqrt(2 / n), f"{name}: KS statistic {d:.3f}"
+    # The centre fallback, exactly as torchvision computes it, as often.
+    fallback = torchvision_get_params(np.random.default_rng(1), height, width, (2.0, 2.0))
+    ours_fallback = (ours == np.array(fallback)).all(1).mean()
+    ref_fallback = (ref == np.array(fallback)).all(1).mean()
+    assert abs(ours_fallback - ref_fallback) < 0.03
+    if width / height > 4 / 3 * 2:
+        assert ref_fallback > 0.1  # the panorama case exercises it
+
+
+def test_crops_reach_the_image_borders(tmp_path):
+    # A 4:3 image with a red left margin and a blue right margin: a crop of the centre square
+    # (the old decode) never sees either; torchvision's crops of the whole image do.
+    (tmp_path / "c").mkdir()
+    image = np.full((60, 80, 3), 128, np.uint8)
+    image[:, :8] = (255, 0, 0)
+    image[:, -8:] = (0, 0, 255)
+    for k in range(4):
+        save(tmp_path / "c" / f"{k}.png", image)
+    cfg = folder_cfg(tmp_path, augmentation="crop", image_size=16)
+    ds = data.train_dataset(cfg, batch_size=4, seed=0)
+    views = np.concatenate([np.concatenate([b["view1"], b["view2"]])
+                            for b in ds.take(25).as_numpy_iterator()])
+    red = ((views[..., 0] > 0.9) & (views[..., 2] < 0.1)).any(axis=(1, 2))
+    blue = ((views[..., 2] > 0.9) & (views[..., 0] < 0.1)).any(axis=(1, 2))
+    assert 0.1 < red.mean() < 0.9 and 0.1 < blue.mean() < 0.9
+    assert (red & blue).any()  # some crops span (nearly) the whole width
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def encoded(array, fmt, mode=None, **kwargs):
+    image = Image.fromarray(np.asarray(array))
+    buffer = io.BytesIO()
+    (image.convert(mode) if mode else image).save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def test_every_format_is_routed_and_decoded(tmp_path):
+    colour = (200, 40, 10)
+    rgb = np.full((20, 24, 3), colour, np.uint8)
+    files = {  # name: (bytes, decoder, tolerance)
+        "jpeg.jpg": (encoded(rgb, "JPEG", quality=95), image_folder.TF_IMAGE, 6),
+        "progressive.jpg": (encoded(rgb, "JPEG", quality=95, progressive=True),
+                            image_folder.TF_IMAGE, 6),
+        "cmyk.jpg": (encoded(rgb, "JPEG", mode="CMYK", quality=95), image_folder.TF_IMAGE, 6),
+        "rgba.png": (encoded(np.dstack([rgb, np.zeros((20, 24), np.uint8)]), "PNG"),
+                     image_folder.TF_IMAGE, 0),
+        "palette.gif": (encoded(rgb, "GIF"), image_folder.TF_IMAGE, 0),
+        "bmp24.bmp": (encoded(rgb, "BMP"), image_folder.TF_IMAGE, 0),
+        "palette.bmp": (encoded(rgb, "BMP", mode="P"), image_folder.PIL_IMAGE, 8),  # dithered
+        "lossless.webp": (encoded(rgb, "WEBP", lossless=True), image_folder.TF_IMAGE, 0),
+        "scan.tif": (encoded(rgb, "TIFF"), image_folder.PIL_IMAGE, 0),
+    }
+    (tmp_path / "c").mkdir()
+    for name, (content, _, _) in files.items():
+        (tmp_path / "c" / name).write_bytes(content)
+    listing = image_folder.list_folder(str(tmp_path))
+    kinds = {os.path.basename(f): k for f, k in zip(listing.files, listing.kinds)}
+    assert kinds == {name: kind for name, (_, kind, _) in files.items()}
+    out = list(data.images(folder_cfg(tmp_path, image_size=8), "train").as_numpy_iterator())
+    assert len(out) == len(files)
+    for (image, label), (name, (_, _, atol)) in zip(out, sorted(files.items())):
+        assert image.shape == (8, 8, 3) and label == 0, name
+        np.testing.assert_allclose(image.reshape(-1, 3).mean(0), colour, atol=atol, err_msg=name)
+
+
+def test_eval_view_is_the_centre_crop(tmp_path):
+    # Resize(S / 0.875) + CenterCrop(S) for large images: a 100x200 image whose centre
+    # 87.5% square is white and the rest black gives a white 72x72 view.
+    (tmp_path / "c").mkdir()
+    image = np.zeros((100, 200, 3), np.uint8)
+    side = round(0.875 * 100)
+    top, left = (100 - side) // 2, (200 - side) // 2
+    image[top:top + side, left:left + side] = 255
+    save(tmp_path / "c" / "x.png", image)
+    ((view, _),) = list(data.images(folder_cfg(tmp_path, image_size=72), "train")
+                        .as_numpy_iterator())
+    assert view.shape == (72, 72, 3) and view.min() == 255
+
+
+# ----------------------------------------------------------------------------- pipelines
+
+
+@pytest.mark.parametrize("augment_on", ["host", "device"])
+def test_resume_replays_the_same_crops_and_colours(tmp_path, augment_on):
+    gray_folder(tmp_path)
+    cfg = folder_cfg(tmp_path, augment_on=augment_on)
+    full = list(data.train_dataset(cfg, batch_size=4, seed=3).take(6).as_numpy_iterator())
+    resumed = list(data.train_dataset(cfg, batch_size=4, seed=3, start_batch=4)
+                   .take(2).as_numpy_iterator())
+    for a, b in zip(full[4:], resumed):
+        np.testing.assert_array_equal(a["view1"], b["view1"])
+        np.testing.assert_array_equal(a["view2"], b["view2"])
+    assert full[0]["view1"].dtype == (np.float32 if augment_on == "host" else np.uint8)
+    other = next(iter(data.train_dataset(cfg, batch_size=4, seed=4)))
+    assert not np.array_equal(other["view1"], full[0]["view1"])
+
+
+def test_every_image_once_per_epoch_in_a_new_order(tmp_path):
+    gray_folder(tmp_path)  # 12 images = 3 batches of 4
+    cfg = folder_cfg(tmp_path, augmentation="crop")  # no colour change: views keep their level
+    ids = [image_ids(b["view1"])
+           for b in data.train_dataset(cfg, batch_size=4, seed=3).take(6).as_numpy_iterator()]
+    assert sorted(sum(ids[:3], [])) == list(range(12)) == sorted(sum(ids[3:], []))
+    assert sum(ids[:3], []) != sum(ids[3:], [])
+
+
+@pytest.mark.parametrize("source", ["records", "in_memory"])
+def test_device_augmentation_equals_host_augmentation(tmp_path, source):
+    if source == "records":
+        (tmp_path / "c").mkdir()
+        rng = np.random.default_rng(0)
+        for k in range(8):
+            save(tmp_path / "c" / f"{k}.jpg", rng.integers(0, 256, (30 + k, 40, 3)), quality=90)
+        cfg = folder_cfg(tmp_path, image_size=24)
+    else:
+        cfg = folder_cfg(tmp_path, source="synthetic", cache=True, image_size=24)
+    host = list(data.train_dataset(cfg, batch_size=8, seed=5).take(3))
+    cfg.augment_on = "device"
+    crops_only = list(data.train_dataset(cfg, batch_size=8, seed=5).take(3))
+    augmenter = augment.PhotometricAugmenter("moco_v2", seed=5)
+    for step, (h, c) in enumerate(zip(host, crops_only)):
+        d1, d2 = augmenter((c["view1"], c["view2"]), tf.constant(step, tf.int64))
+        # The same ops and seeds, to float rounding: the host's records path fuses its colour
+        # ops (XLA), and tf.data's graph optimiser may fuse others.
+        atol = 1e-5 if source == "records" else 1e-6
+        np.testing.assert_allclose(d1, h["view1"], atol=atol)
+        np.testing.assert_allclose(d2, h["view2"], atol=atol)
+        assert not np.allclose(d1, tf.cast(c["view1"], tf.float32) / (255.0 if source ==
+                                                                      "records" else 1.0))
+
+
+def test_replica_rows_take_their_share_of_the_global_draws():
+    views = tuple(tf.random.stateless_uniform([8, 12, 12, 3], [k, 1]) for k in range(2))
+    whole = augment.photometric(views, "moco_v2", [3, 4])
+    for offset in (0, 4):
+        part = augment.photometric(tuple(v[offset:offset + 4] for v in views), "moco_v2",
+                                   [3, 4], rows=(offset, 8))
+        np.testing.assert_allclose(part[0], whole[0][offset:offset + 4], atol=1e-6)
+
+
+def test_per_host_shards_are_disjoint_and_cover(tmp_path):
+    gray_folder(tmp_path)
+    listing = image_folder.list_folder(str(tmp_path))
+    shards = [listing.shard(k, 3).files for k in range(3)]
+    assert sorted(sum(shards, [])) == sorted(listing.files)
+    assert all(not set(a) & set(b) for i, a in enumerate(shards) for b in shards[i + 1:])
+    # Two input pipelines (hosts), per-replica batches of 3: each reads its own 6 images.
+    cfg = folder_cfg(tmp_path, augmentation="crop")
+    seen = []
+    for pipeline_id in range(2):
+        context = tf.distribute.InputContext(num_input_pipelines=2,
+                                             input_pipeline_id=pipeline_id,
+                                             num_replicas_in_sync=2)
+        ds = data.train_dataset(cfg, batch_size=6, seed=0, input_context=context)
+        batches = list(ds.take(2).as_numpy_iterator())
+        assert batches[0]["view1"].shape[0] == 3
+        seen.append(sorted(sum((image_ids(b["view1"]) for b in batches), [])))
+    assert seen[0] == [0, 2, 4, 6, 8, 10] and seen[1] == [1, 3, 5, 7, 9, 11]
+
+
+def test_evaluation_folder_labels_follow_the_training_folder_classes(tmp_path):
+    for split, classes in (("train", ["cat", "dog", "emu"]), ("val", ["dog", "emu"])):
+        for name in classes:
+            (tmp_path / split / name).mkdir(parents=True)
+            save(tmp_path / split / name / "x.png", np.zeros((8, 8, 3)))
+    cfg = folder_cfg(tmp_path / "train", eval_dir=str(tmp_path / "val"))
+    labels = [int(y) for _, y in data.images(cfg, "test").as_numpy_iterator()]
+    assert labels == [1, 2]  # dog and emu keep the training folder's labels
+    (tmp_path / "val" / "yak").mkdir()
+    save(tmp_path / "val" / "yak" / "x.png", np.zeros((8, 8, 3)))
+    with pytest.raises(datasets.DataError, match="class folders yak are not classes of the "
+                                                 "training folder"):
+        data.images(cfg, "test")
+
+
+def test_tf_data_service_feeds_batches_from_two_workers(tmp_path):
+    gray_folder(tmp_path)
+    dispatcher = tf.data.experimental.service.DispatchServer()
+    address = dispatcher.target.split("://")[1]
+    workers = [tf.data.experimental.service.WorkerServer(
+        tf.data.experimental.service.WorkerConfig(dispatcher_address=address))
+        for _ in range(2)]
+    cfg = folder_cfg(tmp_path, augmentation="crop", service_address=dispatcher.target)
+    batches = list(pipeline.train_dataset(cfg, batch_size=4, seed=0).take(6).as_numpy_iterator())
+    for b in batches:
+        assert b["view1"].shape == (4, 16, 16, 3) and np.isfinite(b["view1"]).all()
+        assert set(image_ids(b["view1"])) <= set(range(12))
+    del workers, dispatcher
