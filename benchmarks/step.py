@@ -134,7 +134,7 @@ def moco_config(args, precision="float32", scope="full", symmetric=False):
     c.moco.momentum_scope, c.moco.symmetric = scope, symmetric
     c.train.batch_size = args.batch
     c.train.base_learning_rate, c.train.lr_schedule = 0.03 * 256 / args.batch, "constant"
-    c.train.sgd_momentum, c.train.weight_decay = 0.9, 1e-4
+    c.train.optimizer_momentum, c.train.weight_decay = 0.9, 1e-4
     c.train.steps_per_execution = args.steps_per_execution
     c.train.jit_compile = args.jit
     return config_lib.validate(c)
@@ -202,8 +202,7 @@ def bare_step(model):
             q = tf.math.l2_normalize(tf.cast(q, tf.float32), 1)
             k = tf.math.l2_normalize(tf.cast(k, tf.float32), 1)
             loss = -tf.reduce_mean(tf.reduce_sum(q * tf.stop_gradient(k), 1))
-        grads = tape.gradient(loss, variables)
-        grads = [g + model.weight_decay * tf.cast(v, g.dtype) for g, v in zip(grads, variables)]
+        grads = tape.gradient(loss, variables)  # weight decay: in the optimizer, as in the step
         model.optimizer.apply_gradients(zip(grads, variables))
         return loss
 

@@ -13,8 +13,9 @@ from configs import fashion_mnist, moco_v2
 
 def apply_method(c):
     c.model.projector = "mlp"
-    c.model.projector_layers = 3
+    c.model.projector_layers = 2  # moco-v3 builder.py: 2 layers for ResNets (3 for ViTs)
     c.model.projector_bn = True
+    c.model.predictor = True
     c.moco.negatives = "batch"
     c.moco.symmetric = True
     c.moco.momentum_schedule = "cosine"

@@ -14,7 +14,7 @@ from configs import fashion_mnist, moco_v2
 
 def apply_method(c):
     c.moco.momentum_scope = "none"
-    c.moco.negatives = "batch_both_views"
+    c.moco.negatives = "both_views"
     c.moco.symmetric = True
     return c
 

@@ -1,51 +1,164 @@
-"""The momentum-encoder study (Pham et al. 2022) on Fashion-MNIST, measured on our own runs.
+"""The momentum-encoder study (Pham et al. 2022, arXiv 2208.05744) on Fashion-MNIST, several seeds.
 
-Trains MoCo v2, SimCLR, SimCLR + EMA and projector-only EMA with the same data, backbone, optimizer,
-epochs, batch and seed (only the method switches differ: configs/*.py `:fashion_mnist`) and writes
-to --out:
-  results.json, results.md   kNN top-1 (k=200, k=20), images/s, wall time per method
-  knn.png                    kNN top-1 (k=200) after every epoch, one line per method
-  fluctuation.png            per-block fluctuation of dLoss/d(block output) over training
+Every method trains the quickstart's data, backbone, optimizer, batch and budget
+(`configs/fashion_mnist.py`); only the method switches differ:
 
-Fluctuation (the paper's measure, made concrete): every `--probe_every` steps the gradient of the
-method's own loss with respect to each block's output is computed on one fixed probe batch; a
-block's fluctuation is the mean relative change of that gradient between consecutive probes,
-||g_t - g_{t-1}|| / ||g_{t-1}||. The paper's finding: it grows towards the final layers.
+  MoCo v2                 full EMA, queue, one view as query
+  MoCo v2 symmetric       full EMA, queue, both views as queries
+  SimCLR                  no EMA, NT-Xent over both views (2N - 2 in-batch negatives)
+  SimCLR + EMA            full EMA key encoder, NT-Xent
+  EMA from layer3         backbone shared up to layer3, EMA of layer3, layer4 and the projector
+  EMA from layer4         backbone shared up to layer4, EMA of layer4 and the projector
+  Projector-only EMA      EMA of the projector only (the paper's proposal)
 
-  python experiments/momentum_study.py --epochs=3 --steps_per_epoch=80 --probe_every=10 \
-      --out=runs/momentum_study    # the README's run: ~40 min on 2 cores
-  python experiments/momentum_study.py --epochs=4 --out=runs/momentum_study    # 4 full epochs: ~1.5 h
+Each (method, seed) is one `train_and_evaluate` run in `--out/runs/<method>/seed<k>`, with kNN
+(k = 200, 20) after every epoch and a linear evaluation of its export. A run that was stopped
+resumes from its checkpoints; finished runs are skipped: rerunning the command finishes a
+half-done study. The report is `--out/results.json`, `results.md` and three plots.
+
+Per-block gradient fluctuation: every `--probe_every` steps the gradient of the method's own
+loss with respect to each block's output (view 1's forward) is computed on one fixed probe
+batch, with a fixed shuffle-BN permutation. Two measures per block, over training:
+  cv          coefficient of variation of the gradient norm ||dL/dh_b|| across probes — how
+              much the gradient magnitude fluctuates (our reading of the paper's "the final
+              layers tend to fluctuate much more"; its exact formula is not in the abstract);
+  rel_change  mean ||g_t - g_(t-1)|| / ||g_(t-1)|| between consecutive probes (the measure the
+              first version of this study used).
+
+  python experiments/momentum_study.py --out=runs/momentum_study            # ~6 h on 2 cores
+  python experiments/momentum_study.py --out=runs/momentum_study --report   # tables and plots only
+  python experiments/momentum_study.py --small --out=/tmp/study             # a check in a minute
 """
 
 import json
 import os
+import subprocess
 import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from configs import fashion_mnist, projector_momentum, simclr, simclr_momentum  # noqa: E402
-from moco_tf import data, train_lib  # noqa: E402
-
-METHODS = {
-    "MoCo v2": lambda: fashion_mnist.get_config(),
-    "SimCLR": lambda: simclr.get_config("fashion_mnist"),
-    "SimCLR + EMA": lambda: simclr_momentum.get_config("fashion_mnist"),
-    "Projector-only EMA": lambda: projector_momentum.get_config("fashion_mnist"),
+METHODS = {  # name -> (momentum_scope, negatives, symmetric)
+    "MoCo v2": ("full", "queue", False),
+    "MoCo v2 symmetric": ("full", "queue", True),
+    "SimCLR": ("none", "both_views", True),
+    "SimCLR + EMA": ("full", "both_views", True),
+    "EMA from layer3": ("from:layer3", "both_views", True),
+    "EMA from layer4": ("from:layer4", "both_views", True),
+    "Projector-only EMA": ("projector", "both_views", True),
 }
 
 _OUT = flags.DEFINE_string("out", "runs/momentum_study", "Output folder.")
-_EPOCHS = flags.DEFINE_integer("epochs", 4, "Epochs per method.")
-_STEPS = flags.DEFINE_integer("steps_per_epoch", None, "Cap on steps per epoch (None = full).")
+_EPOCHS = flags.DEFINE_integer("epochs", 5, "Epochs per run.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds per method.")
+_METHODS = flags.DEFINE_list("methods", list(METHODS), "Methods to run.")
 _PROBE_EVERY = flags.DEFINE_integer("probe_every", 25, "Steps between gradient probes.")
-_METHODS = flags.DEFINE_list("methods", list(METHODS), "Which methods to run.")
-_SMALL = flags.DEFINE_bool("small", False, "Tiny synthetic run (to check the script).")
+_LINEAR_EPOCHS = flags.DEFINE_integer("linear_epochs", 30, "Epochs of the linear evaluation.")
+_PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs at a time (each in its own process).")
+_REPORT = flags.DEFINE_bool("report", False, "Only write the report from finished runs.")
+_SMALL = flags.DEFINE_bool("small", False, "Tiny synthetic runs (to check the script).")
+_RUN = flags.DEFINE_string("run", "", "Internal: 'method|seed' to run in this process.")
+
+
+def slug(name):
+    return name.lower().replace(" + ", "_plus_").replace(" ", "_").replace("-", "_")
+
+
+def run_dir(name, seed):
+    return os.path.join(_OUT.value, "runs", slug(name), f"seed{seed}")
+
+
+def make_config(name, seed):
+    from configs import fashion_mnist
+
+    config = fashion_mnist.get_config()
+    scope, negatives, symmetric = METHODS[name]
+    config.moco.momentum_scope, config.moco.negatives = scope, negatives
+    config.moco.symmetric = symmetric
+    config.seed = int(seed)
+    config.train.epochs = _EPOCHS.value
+    config.train.verbose = 2
+    config.eval.knn_every_epochs = 1
+    config.eval.raw_pixel_baseline = False
+    if _SMALL.value:
+        config.data.source, config.data.image_size, config.data.num_classes = "synthetic", 16, 4
+        config.data.synthetic_examples = 256
+        config.model.width, config.moco.queue_size = 8, 128
+        config.train.batch_size, config.train.steps_per_epoch = 32, 4
+    return config
+
+
+# --- one run (in its own process) -------------------------------------------------------------
+
+
+class GradientProbe:
+    """A Keras callback (built lazily: TF is imported in the run's process only) that records
+    ||dL/dh_b|| and dL/dh_b of every block b on a fixed probe batch every `every` steps, into
+    `path` (JSON lines: a resumed run appends)."""
+
+    def __new__(cls, *args, **kwargs):
+        import keras
+        import tensorflow as tf
+
+        class Probe(keras.callbacks.Callback):
+            def __init__(self, probe, every, path):
+                super().__init__()
+                self.probe, self.every, self.path = probe, every, path
+                self.previous = None
+
+            def on_train_begin(self, logs=None):
+                backbone = self.model.backbone
+                self.names = block_names(backbone) + ["projector"]
+                taps = [backbone.get_layer(n).output for n in self.names[:-1]]
+                self.tapped = keras.Model(backbone.input, taps + [backbone.output])
+                self.gradients = tf.function(self._gradients)
+
+            def _gradients(self, x1, x2):
+                model, encoder = self.model, self.model.key_encoder
+                step = tf.constant(0, tf.int64)  # a fixed shuffle-BN permutation for every probe
+                with tf.GradientTape() as tape:
+                    *blocks, h1 = self.tapped(x1, training=True)
+                    z = model.projector(h1, training=True)
+                    tape.watch(z)
+                    q1 = tf.math.l2_normalize(tf.cast(
+                        model.predictor(z, training=True) if model.predictor else z,
+                        tf.float32), 1)
+                    h2, cut2 = encoder.online_features(model.backbone, x2)
+                    cut1 = encoder.trunk(x1, training=True) if encoder.trunk else None
+                    k2 = encoder.keys(x2, h2, cut2, step, view=0)
+                    k1 = encoder.keys(x1, h1, cut1, step, view=1) if model.symmetric else None
+                    loss, _ = model.negatives.contrast(q1, k2, same_view_keys=k1)
+                    if model.symmetric:
+                        loss = loss + model.negatives.contrast(model.query(h2), k1, k2)[0]
+                    loss = tf.reduce_mean(loss)
+                return tape.gradient(loss, blocks + [z])
+
+            def on_train_batch_end(self, batch, logs=None):
+                step = int(self.model.optimizer.iterations.numpy())
+                if step % self.every:
+                    return
+                # The probe runs BN in training mode: put its moving statistics back after it.
+                state = self.model.non_trainable_variables
+                saved = [v.numpy() for v in state]
+                grads = [np.asarray(g, np.float32).ravel()
+                         for g in self.gradients(self.probe["view1"], self.probe["view2"])]
+                for v, value in zip(state, saved):
+                    v.assign(value)
+                record = {"step": step, "norm": [float(np.linalg.norm(g)) for g in grads]}
+                if self.previous is not None:
+                    record["rel_change"] = [
+                        float(np.linalg.norm(g - p) / (np.linalg.norm(p) + 1e-12))
+                        for g, p in zip(grads, self.previous)]
+                self.previous = grads
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+
+        return Probe(*args, **kwargs)
 
 
 def block_names(backbone):
@@ -54,133 +167,183 @@ def block_names(backbone):
     return names or [l.name for l in backbone.layers if l.name.startswith("relu")]
 
 
-class GradientFluctuation(keras.callbacks.Callback):
-    """Relative change of dLoss/d(block output) between probes, on a fixed probe batch."""
+def run_one(name, seed):
+    """Trains, evaluates (kNN, linear) and records one run; resumes if stopped."""
+    from moco_tf import data, train_lib
+    from moco_tf.eval import linear
 
-    def __init__(self, probe_views, every):
-        super().__init__()
-        self.probe, self.every = probe_views, every
-        self.previous, self.changes = None, {}
-
-    def on_train_begin(self, logs=None):
-        model = self.model
-        self.names = block_names(model.backbone) + ["projector"]
-        taps = [model.backbone.get_layer(n).output for n in self.names[:-1]]
-        self._tapped = keras.Model(model.backbone.input, taps + [model.backbone.output])
-        self._gradients = tf.function(self._block_gradients)
-
-    def _block_gradients(self, x1, x2):
-        model = self.model
-        with tf.GradientTape() as tape:
-            *blocks, h1 = self._tapped(x1, training=True)
-            z = model.projector(h1, training=True)
-            tape.watch(z)
-            if model.predictor is not None:
-                z_q = model.predictor(z, training=True)
-            else:
-                z_q = z
-            q1 = tf.math.l2_normalize(tf.cast(z_q, tf.float32), 1)
-            h2 = model.backbone(x2, training=True)
-            k2 = model._key(x2, h2)
-            k1 = model._key(x1, h1, view=1) if model.symmetric else None
-            loss, _ = model._contrast(q1, k2, k1)
-            loss = tf.reduce_mean(loss)
-        return tape.gradient(loss, blocks + [z])
-
-    def on_train_batch_end(self, batch, logs=None):
-        step = int(self.model.optimizer.iterations.numpy())
-        if step % self.every:
-            return
-        grads = [np.asarray(g, np.float32) for g in self._gradients(self.probe["view1"], self.probe["view2"])]
-        if self.previous is not None:
-            for name, g, g_old in zip(self.names, grads, self.previous):
-                change = np.linalg.norm(g - g_old) / (np.linalg.norm(g_old) + 1e-12)
-                self.changes.setdefault(name, []).append(float(change))
-        self.previous = grads
-
-    def summary(self):
-        return {name: float(np.mean(v)) for name, v in self.changes.items()}
-
-
-def run_method(name, config, out):
-    config.train.epochs = _EPOCHS.value
-    config.train.steps_per_epoch = _STEPS.value
-    config.train.verbose = 2
-    config.eval.knn_every_epochs = 1
-    config.eval.raw_pixel_baseline = False
-    config.eval.export = False
-    if _SMALL.value:
-        config.data.source, config.data.image_size, config.data.num_classes = "synthetic", 16, 4
-        config.data.mean, config.data.std = (0.5,), (0.25,)
-        config.model.backbone, config.moco.queue_size = "resnet18", 512
-        config.train.batch_size, config.eval.knn_ks = 32, (20, 5)
-    probe = next(iter(data.train_dataset(config.data, 64, seed=12345)))
-    fluctuation = GradientFluctuation(probe, _PROBE_EVERY.value)
+    config, workdir = make_config(name, seed), run_dir(name, seed)
+    os.makedirs(workdir, exist_ok=True)
+    probe_views = next(iter(data.train_dataset(config.data, 64, seed=12345)))
+    probe = GradientProbe(probe_views, _PROBE_EVERY.value, os.path.join(workdir, "probes.jsonl"))
     start = time.perf_counter()
-    _, results = train_lib.train_and_evaluate(
-        config, os.path.join(out, name.replace(" ", "_").replace("+", "plus")),
-        callbacks=[fluctuation],
-    )
-    results["wall_seconds"] = round(time.perf_counter() - start, 1)
-    results["fluctuation"] = fluctuation.summary()
-    results["blocks"] = fluctuation.names
-    return results
+    _, results = train_lib.train_and_evaluate(config, workdir, callbacks=[probe])
+    lin = linear.evaluate(results["export_dir"], config, epochs=_LINEAR_EPOCHS.value)
+    results.update(method=name, seed=int(seed), wall_seconds=round(time.perf_counter() - start, 1),
+                   linear_top1=lin["top1"], blocks=probe.names)
+    with open(os.path.join(workdir, "study.json"), "w") as f:
+        json.dump(results, f, indent=2)
 
 
-def write_report(all_results, out):
+# --- the study ---------------------------------------------------------------------------------
+
+
+def pending():
+    return [(name, seed) for name in _METHODS.value for seed in _SEEDS.value
+            if not os.path.exists(os.path.join(run_dir(name, seed), "study.json"))]
+
+
+def run_all():
+    """Runs the pending (method, seed) pairs, `--parallel` processes at a time."""
+    queue, running = pending(), []
+    print(f"{len(queue)} runs to do", flush=True)
+    flags_ = [f"--{f}={getattr(flags.FLAGS, f)}" for f in
+              ("out", "epochs", "probe_every", "linear_epochs", "small")]
+    while queue or running:
+        while queue and len(running) < _PARALLEL.value:
+            name, seed = queue.pop(0)
+            log = open(os.path.join(_OUT.value, f"{slug(name)}_seed{seed}.log"), "a")
+            env = dict(os.environ)
+            if _PARALLEL.value > 1:  # one core each: no two runs fighting over both
+                env.update(TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1")
+            cmd = [sys.executable, os.path.abspath(__file__), f"--run={name}|{seed}", *flags_]
+            running.append((name, seed, subprocess.Popen(cmd, stdout=log, stderr=log, env=env)))
+            print(f"started {name} seed {seed}", flush=True)
+        time.sleep(5)
+        for item in list(running):
+            if item[2].poll() is not None:
+                running.remove(item)
+                print(f"finished {item[0]} seed {item[1]} (exit {item[2].returncode})",
+                      flush=True)
+
+
+def load_runs():
+    runs = {}
+    for name in METHODS:
+        for seed in _SEEDS.value:
+            path = os.path.join(run_dir(name, seed), "study.json")
+            if os.path.exists(path):
+                r = json.load(open(path))
+                r["probes"] = [json.loads(line) for line in
+                               open(os.path.join(run_dir(name, seed), "probes.jsonl"))]
+                runs.setdefault(name, []).append(r)
+    return runs
+
+
+def fluctuation(run):
+    """Per block: (cv of the gradient norm over probes, mean relative change)."""
+    norms = np.array([p["norm"] for p in run["probes"]])
+    changes = np.array([p["rel_change"] for p in run["probes"] if "rel_change" in p])
+    cv = norms.std(0) / np.maximum(norms.mean(0), 1e-12)
+    return cv.tolist(), changes.mean(0).tolist()
+
+
+def summarize(runs):
+    """Mean and std over seeds of every number the report quotes."""
+    def stat(values):
+        values = np.asarray(values, np.float64)
+        return {"mean": float(values.mean()), "std": float(values.std(ddof=1))
+                if len(values) > 1 else 0.0, "n": int(len(values))}
+
+    summary = {}
+    for name, rs in runs.items():
+        s = {key: stat([r[src] for r in rs]) for key, src in (
+            ("knn_k200", "knn_top1"), ("knn_k20", "knn_top1_k20"), ("linear", "linear_top1"),
+            ("train_seconds", "train_seconds"), ("images_per_sec", "images_per_sec"))}
+        s["knn_curve"] = [stat([r["knn_per_epoch"][e]["k200"] for r in rs])
+                          for e in range(len(rs[0]["knn_per_epoch"]))]
+        cv, rel = zip(*[fluctuation(r) for r in rs])
+        s["blocks"] = rs[0]["blocks"]
+        s["fluctuation_cv"] = [stat(v) for v in zip(*cv)]
+        s["fluctuation_rel_change"] = [stat(v) for v in zip(*rel)]
+        summary[name] = s
+    # Equal wall time: each method's kNN curve read at the shortest mean training time.
+    budget = min(s["train_seconds"]["mean"] for s in summary.values())
+    for name, rs in runs.items():
+        at_budget = []
+        for r in rs:
+            epochs = len(r["knn_per_epoch"])
+            times = [r["train_seconds"] * (e + 1) / epochs for e in range(epochs)]
+            accs = [e["k200"] for e in r["knn_per_epoch"]]
+            at_budget.append(float(np.interp(budget, times, accs)))
+        summary[name]["knn_k200_at_equal_time"] = stat(at_budget)
+    return summary, budget
+
+
+def write_report(runs):
+    summary, budget = summarize(runs)
+    out = _OUT.value
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(all_results, f, indent=2)
-    ks = [k for k in next(iter(all_results.values())) if k.startswith("knn_top1_k")]
-    lines = ["| method | kNN top-1 k=200 | " + " | ".join(f"k={k[10:]}" for k in ks)
-             + " | images/s | wall time |", "|---" * (4 + len(ks)) + "|"]
-    for name, r in all_results.items():
-        lines.append(
-            f"| {name} | {100 * r['knn_top1']:.2f}% | "
-            + " | ".join(f"{100 * r[k]:.2f}%" for k in ks)
-            + f" | {r['images_per_sec']:.0f} | {r['wall_seconds'] / 60:.1f} min |"
-        )
+        json.dump({"summary": summary, "equal_time_budget_seconds": budget,
+                   "runs": {n: [{k: v for k, v in r.items() if k != "probes"} for r in rs]
+                            for n, rs in runs.items()}}, f, indent=2)
+    pct = lambda s: f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"  # noqa: E731
+    lines = [f"Fashion-MNIST, {_EPOCHS.value} epochs, seeds {', '.join(_SEEDS.value)} "
+             "(mean ± std over seeds).", "",
+             "| method | kNN k=200 | kNN k=20 | linear | kNN k=200 at equal time | "
+             "train time | img/s |", "|---|---|---|---|---|---|---|"]
+    for name, s in summary.items():
+        lines.append(f"| {name} (n={s['knn_k200']['n']}) | {pct(s['knn_k200'])} | "
+                     f"{pct(s['knn_k20'])} | {pct(s['linear'])} | "
+                     f"{pct(s['knn_k200_at_equal_time'])} | "
+                     f"{s['train_seconds']['mean'] / 60:.1f} min | "
+                     f"{s['images_per_sec']['mean']:.0f} |")
+    lines += ["", f"Equal time: each curve read at {budget / 60:.1f} min of training (the fastest "
+              "method's whole budget), linearly between epochs."]
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+    plot(summary, out)
 
+
+def plot(summary, out):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, r in all_results.items():
-        epochs = [e["epoch"] for e in r["knn_per_epoch"]]
-        ax.plot(epochs, [100 * e[next(k for k in e if k != "epoch")] for e in r["knn_per_epoch"]],
-                marker="o", label=name)
-    ax.set(xlabel="epoch", ylabel="kNN top-1 (%), k=200", title="Fashion-MNIST, same budget")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, s in summary.items():
+        mean = np.array([c["mean"] for c in s["knn_curve"]]) * 100
+        std = np.array([c["std"] for c in s["knn_curve"]]) * 100
+        epochs = np.arange(1, len(mean) + 1)
+        ax.plot(epochs, mean, marker="o", label=name)
+        ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+    ax.set(xlabel="epoch", ylabel="kNN top-1 (%), k=200", title="Fashion-MNIST: mean ± std over seeds")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "knn.png"), dpi=120)
+    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, r in all_results.items():
-        blocks = r["blocks"]
-        ax.plot(range(len(blocks)), [r["fluctuation"].get(b, np.nan) for b in blocks],
-                marker="o", label=name)
-    ax.set_xticks(range(len(blocks)), blocks, rotation=45, ha="right")
-    ax.set(ylabel="mean relative change of dL/d(output)",
-           title="Gradient fluctuation per block (input → output)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "fluctuation.png"), dpi=120)
+    for key, label, file in (("fluctuation_cv", "CV of ||dL/dh|| over training", "fluctuation.png"),
+                             ("fluctuation_rel_change", "mean relative change of dL/dh",
+                              "fluctuation_rel_change.png")):
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for name, s in summary.items():
+            ax.errorbar(range(len(s["blocks"])), [v["mean"] for v in s[key]],
+                        yerr=[v["std"] for v in s[key]], marker="o", capsize=3, label=name)
+        blocks = next(iter(summary.values()))["blocks"]
+        ax.set_xticks(range(len(blocks)), blocks, rotation=45, ha="right")
+        ax.set(ylabel=label, title="Per-block gradient fluctuation (input → output)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, file), dpi=120)
+        plt.close(fig)
 
 
 def main(argv):
     del argv
     os.makedirs(_OUT.value, exist_ok=True)
-    all_results = {}
-    for name in _METHODS.value:
-        print(f"=== {name} ===", flush=True)
-        all_results[name] = run_method(name, METHODS[name](), _OUT.value)
-        write_report(all_results, _OUT.value)  # after every method: partial results survive
+    if _RUN.value:
+        name, seed = _RUN.value.split("|")
+        return run_one(name, seed)
+    if not _REPORT.value:
+        run_all()
+    runs = load_runs()
+    if runs:
+        write_report(runs)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ from absl import logging
 
 from moco_tf import workdir as workdir_lib
 
+# 2: optimizers with PyTorch's momentum buffer (v = mu v + g), MoCo's key_encoder/negatives parts.
+FORMAT = 2
 _PREFIX = "ckpt"
 
 
@@ -62,8 +64,10 @@ class Checkpointer:
         self._run = {"seed": int(seed), "batch_size": int(batch_size)}
         self._run_vars = {k: tf.Variable(v, dtype=tf.int64, trainable=False, name=k)
                           for k, v in self._run.items()}
+        # 0 until a restore fills it: checkpoints older than format 2 do not have it.
+        self.format = tf.Variable(0, dtype=tf.int64, trainable=False, name="format")
         objects = {"model": model, "data_position": self.position, "epoch": self.epoch,
-                   **self._run_vars}
+                   "format": self.format, **self._run_vars}
         if getattr(model, "optimizer", None) is not None:
             objects["optimizer"] = model.optimizer
         self.checkpoint = tf.train.Checkpoint(**objects)
@@ -77,6 +81,7 @@ class Checkpointer:
         """Writes checkpoint `ckpt-<step>` (step = batches consumed) and prunes old ones."""
         self.position.assign(step)
         self.epoch.assign(epoch)
+        self.format.assign(FORMAT)
         for k, v in self._run.items():
             self._run_vars[k].assign(v)
         previous = self.manager.latest_checkpoint
@@ -141,6 +146,13 @@ class Checkpointer:
                 logging.warning("Checkpoint %s is damaged (%s); trying the previous one.",
                                 prefix, problem)
                 continue
+            found = int(self.format.numpy())
+            if found != FORMAT:
+                raise CheckpointError(
+                    f"{prefix} was written by an older moco_tf (checkpoint format {found}, this "
+                    f"version writes {FORMAT}: PyTorch's SGD momentum buffer, key encoder and "
+                    f"negatives as parts of the model); its optimizer state would mean something "
+                    f"else now. Use another --workdir, or finish that run with the older version.")
             try:
                 # Every variable of the model and optimizer must get a value: a checkpoint of
                 # another architecture is not damage but a wrong workdir.

@@ -19,6 +19,27 @@ class DataError(ValueError):
     """Data that cannot be used as it is; the message names the path or dataset and the fix."""
 
 
+SCOPES = ("full", "projector", "none")  # and "from:<block>"
+NEGATIVES = ("queue", "batch", "both_views")
+
+
+def check_method(momentum_scope: str, negatives: str, symmetric: bool) -> None:
+    """Raises ValueError (one sentence) for switches that would not compute what they say."""
+    if momentum_scope not in SCOPES and not (
+            momentum_scope.startswith("from:") and len(momentum_scope) > len("from:")):
+        raise ValueError(f"momentum_scope must be one of {', '.join(SCOPES)} or 'from:<block>' "
+                         f"(e.g. 'from:layer3'), got {momentum_scope!r}")
+    if negatives not in NEGATIVES:
+        raise ValueError(f"negatives must be one of {', '.join(NEGATIVES)}, got {negatives!r}")
+    if negatives == "both_views" and not symmetric:
+        raise ValueError("negatives='both_views' (SimCLR's NT-Xent) takes the negatives of both "
+                         "views, so it needs symmetric=True (both views are queries).")
+    if negatives == "queue" and momentum_scope == "none":
+        raise ValueError("negatives='queue' needs a momentum encoder: keys of the online encoder "
+                         "go stale in the queue; use 'batch' or 'both_views' with "
+                         "momentum_scope 'none'.")
+
+
 def defaults() -> ml_collections.ConfigDict:
     """Every config key with its default (a small MoCo v2 on Fashion-MNIST)."""
     c = ml_collections.ConfigDict()
@@ -74,9 +95,10 @@ def defaults() -> ml_collections.ConfigDict:
     c.model.split_bn_groups = 8
     c.model.projector = "mlp"  # linear (v1) | mlp (v2)
     c.model.projector_hidden_dim = 0  # 0 = the backbone's feature dim
-    c.model.projector_layers = 2  # mlp: Dense layers (MoCo v3: 3)
+    c.model.projector_layers = 2  # mlp: Dense layers (2 in MoCo v2 and v3 with a ResNet)
     c.model.projector_bn = False  # mlp: BN on hidden layers + affine-free BN on the output (v3)
-    c.model.predictor_hidden_dim = 0  # > 0 adds the MoCo v3 predictor (query side only)
+    c.model.predictor = False  # the MoCo v3 predictor, on the query side only
+    c.model.predictor_hidden_dim = 0  # 0 = the backbone's feature dim
 
     c.moco = ml_collections.ConfigDict()
     c.moco.dim = 128
@@ -84,9 +106,11 @@ def defaults() -> ml_collections.ConfigDict:
     c.moco.momentum = 0.99  # m
     c.moco.temperature = 0.2  # T
     # The momentum-encoder family (DESIGN §2): one model, these switches.
-    c.moco.momentum_scope = "full"  # full (MoCo) | projector (Pham et al. 2022) | none (SimCLR)
+    # full (MoCo) | from:<block>, e.g. from:layer3 (EMA of the blocks from there on) |
+    # projector (Pham et al. 2022) | none (SimCLR)
+    c.moco.momentum_scope = "full"
     c.moco.momentum_schedule = "constant"  # constant | cosine (m -> 1, MoCo v3 / BYOL)
-    c.moco.negatives = "queue"  # queue | batch (MoCo v3) | batch_both_views (SimCLR NT-Xent)
+    c.moco.negatives = "queue"  # queue | batch (MoCo v3) | both_views (SimCLR NT-Xent)
     c.moco.symmetric = False  # add the loss with the views swapped
     c.moco.loss_scale = 1.0  # MoCo v3: 2 * T
 
@@ -99,8 +123,8 @@ def defaults() -> ml_collections.ConfigDict:
     c.train.lr_decay_epochs = (120, 160)  # step schedule: x0.1 at these epochs
     c.train.warmup_epochs = 0
     c.train.optimizer = "sgd"  # sgd | lars (MoCo v3)
-    c.train.sgd_momentum = 0.9  # heavy-ball momentum of SGD and LARS
-    c.train.weight_decay = 1e-4
+    c.train.optimizer_momentum = 0.9  # heavy-ball momentum of SGD and LARS (PyTorch's rule)
+    c.train.weight_decay = 1e-4  # L2 added to the gradient (PyTorch's weight_decay)
     c.train.steps_per_execution = 1
     # XLA: 2.3-4x slower than graph mode for the quickstart step on this CPU (65 vs 152 img/s
     # float32, 50-68 vs 200 bf16; README). Not with several replicas: keras#19005.
@@ -134,9 +158,8 @@ _CHOICES = {
     "model.backbone": ("resnet18", "resnet50", "small_cnn"),
     "model.norm": ("bn", "split_bn", "sync_bn"),
     "model.projector": ("linear", "mlp"),
-    "moco.momentum_scope": ("full", "projector", "none"),
     "moco.momentum_schedule": ("constant", "cosine"),
-    "moco.negatives": ("queue", "batch", "batch_both_views"),
+    "moco.negatives": ("queue", "batch", "both_views"),
     "train.optimizer": ("sgd", "lars"),
     "train.strategy": ("default", "mirrored", "multi_worker", "tpu"),
     "train.lr_schedule": ("cosine", "step", "constant"),
@@ -202,11 +225,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"({t.batch_size}) so that every batch of keys is enqueued whole; try "
             f"{max(1, m.queue_size // t.batch_size) * t.batch_size}."
         )
-    if m.momentum_scope == "none" and m.negatives == "queue":
-        raise ConfigError(
-            "'moco.negatives' = 'queue' needs a momentum encoder: keys of an online encoder go "
-            "stale in the queue; use 'batch' or 'batch_both_views' with momentum_scope 'none'."
-        )
+    try:
+        check_method(m.momentum_scope, m.negatives, m.symmetric)
+    except ValueError as e:
+        raise ConfigError(f"moco: {e}") from None
     if not m.temperature > 0:
         raise ConfigError(f"'moco.temperature' must be > 0, got {m.temperature}.")
     if not 0.0 <= m.momentum <= 1.0:

@@ -25,7 +25,7 @@ from moco_tf.data import datasets, image_folder
 from moco_tf.eval import knn
 from moco_tf.models import backbones, heads
 from moco_tf.models.contrastive import MoCo
-from moco_tf.optimizers import LARS
+from moco_tf.optimizers import LARS, SGD
 
 
 def steps_per_epoch(config) -> int:
@@ -77,23 +77,21 @@ def build_model(config, total_steps=1, epoch_steps=1) -> MoCo:
             "last_bn": m.projector_bn, **head_norm} if m.projector == "mlp" else {}),
     )
     predictor = None
-    if m.predictor_hidden_dim:
-        predictor = heads.build_predictor(c.dim, c.dim, m.predictor_hidden_dim, **head_norm)
+    if m.predictor:
+        predictor = heads.build_predictor(c.dim, c.dim, m.predictor_hidden_dim or feature_dim,
+                                          **head_norm)
     model = MoCo(
         backbone, projector, queue_size=c.queue_size, momentum=c.momentum,
         temperature=c.temperature, momentum_scope=c.momentum_scope, negatives=c.negatives,
         symmetric=c.symmetric, predictor=predictor, loss_scale=c.loss_scale,
-        weight_decay=config.train.weight_decay if config.train.optimizer == "sgd" else 0.0,
         seed=config.seed, skip_nonfinite=config.train.get("on_nan", "stop") == "skip_step",
         augmenter=(data_lib.augment.PhotometricAugmenter(d.augmentation, config.seed)
                    if d.augment_on == "device" else None),
     )
-    lr = learning_rate(config, total_steps, epoch_steps)
-    if config.train.optimizer == "lars":
-        optimizer = LARS(lr, momentum=config.train.sgd_momentum,
-                         weight_decay=config.train.weight_decay)
-    else:
-        optimizer = keras.optimizers.SGD(lr, momentum=config.train.sgd_momentum)
+    t = config.train
+    optimizer_class = {"sgd": SGD, "lars": LARS}[t.optimizer]  # both: PyTorch's update rules
+    optimizer = optimizer_class(learning_rate(config, total_steps, epoch_steps),
+                                momentum=t.optimizer_momentum, weight_decay=t.weight_decay)
     model.compile(
         optimizer=optimizer, steps_per_execution=config.train.steps_per_execution,
         jit_compile=config.train.jit_compile,

@@ -96,7 +96,7 @@ def install_probe(strategy, model):
     with strategy.scope():
         probe = Probe(model.key_backbone,
                       (GLOBAL_BATCH // strategy.num_replicas_in_sync, SIZE, SIZE, 1))
-    model.key_backbone = probe
+    model.key_encoder.backbone = probe
     return Record(probe)
 
 

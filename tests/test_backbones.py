@@ -180,9 +180,15 @@ def test_split_bn_moving_stats_are_group_averages_and_inference_is_plain_bn():
     split(x, training=True)
     groups = x.reshape(4, 2, 4, 4, 3)
     group_mean = groups.mean(axis=(1, 2, 3)).mean(0)
-    group_var = groups.var(axis=(1, 2, 3)).mean(0)
+    # torch's running_var: the unbiased variance of each sub-batch (n = 2 * 4 * 4 values)
+    group_var = groups.var(axis=(1, 2, 3), ddof=1).mean(0)
     np.testing.assert_allclose(split.moving_mean, 0.1 * group_mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(split.moving_variance, 0.9 + 0.1 * group_var, rtol=1e-5)
+    # the same in the composite path (features [B, C], as in the projector's BN)
+    flat = SplitBatchNorm(num_splits=2, momentum=0.0)
+    flat(x.reshape(8, -1), training=True)
+    np.testing.assert_allclose(
+        flat.moving_variance, x.reshape(2, 4, -1).var(axis=1, ddof=1).mean(0), rtol=1e-5)
 
     _set_affine(split)
     plain = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5)
@@ -192,6 +198,16 @@ def test_split_bn_moving_stats_are_group_averages_and_inference_is_plain_bn():
     before = split.moving_mean.numpy()
     split(x, training=False)
     np.testing.assert_array_equal(split.moving_mean, before)  # inference leaves the stats alone
+
+
+def test_synchronized_bn_uses_the_whole_batch_and_torch_statistics():
+    x = _split_bn_input(groups=2, per_group=3)
+    sync = SplitBatchNorm(num_splits=1, synchronized=True, momentum=0.0, epsilon=1e-5)
+    out = sync(x, training=True).numpy()
+    np.testing.assert_allclose(out.mean(axis=(0, 1, 2)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(sync.moving_variance, x.reshape(-1, 3).var(0, ddof=1), rtol=1e-5)
+    with pytest.raises(ValueError, match="one split"):
+        SplitBatchNorm(num_splits=2, synchronized=True)
 
 
 def test_split_bn_in_tf_function_matches_eager_and_checks_divisibility():
@@ -276,9 +292,10 @@ def test_mlp_projector_has_relu_between_layers():
 
 
 def test_moco_v3_projector_and_predictor():
-    head = build_projector("mlp", 8, 6, hidden_dim=16, num_layers=3, use_bn=True, last_bn=True)
+    # moco-v3 builder.py, ResNet: Linear-BN-ReLU-Linear-BN(affine=False), torch statistics.
+    head = build_projector("mlp", 8, 6, hidden_dim=16, num_layers=2, use_bn=True, last_bn=True)
     kinds = [type(l).__name__ for l in head.layers[1:]]
-    assert kinds == ["Dense", "BatchNormalization", "ReLU"] * 2 + ["Dense", "BatchNormalization"]
+    assert kinds == ["Dense", "SplitBatchNorm", "ReLU", "Dense", "SplitBatchNorm"]
     assert all(not l.use_bias for l in head.layers if isinstance(l, keras.layers.Dense))
     last_bn = head.layers[-1]
     assert not last_bn.center and not last_bn.scale
@@ -292,7 +309,7 @@ def test_moco_v3_projector_and_predictor():
 
     pred = build_predictor(6, 6, 12)
     kinds = [type(l).__name__ for l in pred.layers[1:]]
-    assert kinds == ["Dense", "BatchNormalization", "ReLU", "Dense"]  # no BN on the output
+    assert kinds == ["Dense", "SplitBatchNorm", "ReLU", "Dense"]  # no BN on the output
     assert all(not l.use_bias for l in pred.layers if isinstance(l, keras.layers.Dense))
     assert pred(out).shape == (16, 6)
 
@@ -321,7 +338,11 @@ def test_fused_one_split_bn_equals_keras_bn_values_stats_and_gradients(policy):
                 tf.cast(a, tf.float32), tf.cast(b, tf.float32), rtol=tol, atol=tol
             )
         np.testing.assert_allclose(fused.moving_mean, plain.moving_mean, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(fused.moving_variance, plain.moving_variance, rtol=1e-5)
+        # Keras updates its moving variance with the biased batch variance, torch (and we) with
+        # the unbiased one: n / (n - 1) of it, n = 6 * 4 * 4 values per channel.
+        n = 96
+        np.testing.assert_allclose(fused.moving_variance - 0.9,
+                                   (plain.moving_variance - 0.9) * n / (n - 1), rtol=1e-4)
         assert fused.compute_dtype == ("bfloat16" if policy != "float32" else "float32")
     finally:
         keras.mixed_precision.set_global_policy("float32")

@@ -47,9 +47,9 @@ def test_moco_v1_and_v2_recipes_differ_where_the_papers_do():
 
 def test_method_configs_set_the_switches_of_their_paper():
     switches = lambda c: (c.moco.momentum_scope, c.moco.negatives, c.moco.symmetric)
-    assert switches(simclr.get_config()) == ("none", "batch_both_views", True)
-    assert switches(simclr_momentum.get_config()) == ("full", "batch_both_views", True)
-    assert switches(projector_momentum.get_config()) == ("projector", "batch_both_views", True)
+    assert switches(simclr.get_config()) == ("none", "both_views", True)
+    assert switches(simclr_momentum.get_config()) == ("full", "both_views", True)
+    assert switches(projector_momentum.get_config()) == ("projector", "both_views", True)
     v3 = moco_v3.get_config()
     assert switches(v3) == ("full", "batch", True)
     assert (v3.moco.loss_scale, v3.moco.momentum_schedule, v3.train.optimizer) == (2.0, "cosine", "lars")

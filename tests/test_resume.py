@@ -127,7 +127,7 @@ def test_killed_run_resumes_exactly_like_an_uninterrupted_one(tmp_path):
     a, b = final_state(straight), final_state(killed)
     assert sorted(a) == sorted(b)
     names = " ".join(a)
-    for part in ("queue/", "queue_ptr", "key_backbone", "backbone", "optimizer"):
+    for part in ("negatives/queue/", "queue_ptr", "key_encoder/backbone", "backbone", "optimizer"):
         assert part in names, part
     for name in a:
         np.testing.assert_allclose(b[name], a[name], atol=1e-6, rtol=0, err_msg=name)

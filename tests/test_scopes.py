@@ -2,10 +2,12 @@
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from moco_tf import losses
 from moco_tf.models.contrastive import MoCo
+from moco_tf.models.key_encoder import split_at
 
 B, DIM = 4, 3
 
@@ -64,7 +66,7 @@ def test_projector_scope_key_projector_is_the_ema_of_the_query_projector():
     model.train_on_batch(batch(1))
     for k0, q, k in zip(k_old, model.projector.weights, model.key_projector.weights):
         np.testing.assert_allclose(k.numpy(), 0.75 * k0 + 0.25 * q.numpy(), rtol=1e-5, atol=1e-6)
-    assert len(model._ema_targets) == len(model.projector.trainable_weights)
+    assert len(model.key_encoder.targets) == len(model.projector.trainable_weights)
 
 
 def view2_gradient(model):
@@ -73,7 +75,8 @@ def view2_gradient(model):
     with tf.GradientTape() as tape:
         tape.watch(x2)
         h1, h2 = model.backbone(data["view1"], training=True), model.backbone(x2, training=True)
-        loss, _ = model._contrast(model._query(h1), model._key(x2, h2))
+        loss, _ = model.negatives.contrast(model.query(h1),
+                                           model.key_encoder.keys(x2, h2, None, step=0))
     return tape.gradient(loss, x2)
 
 
@@ -111,12 +114,12 @@ def test_predictor_is_on_the_query_side_only_and_loss_scale_multiplies():
     predictor = keras.Model(feats, keras.layers.Dense(DIM)(feats))
     model = make("full", negatives="batch", symmetric=True, predictor=predictor, loss_scale=0.4)
     assert any(v is predictor.weights[0] for v in model.trainable_variables)
-    assert not any(v is predictor.weights[0] for v in model._ema_sources)  # no momentum predictor
+    assert not any(v is predictor.weights[0] for v in model.key_encoder.sources)  # no momentum predictor
     data = batch(4)
     model.optimizer.learning_rate.assign(0.0)
     logs = model.train_on_batch(data, return_dict=True)
-    q1 = model._query(model.backbone(data["view1"], training=True))
-    q2 = model._query(model.backbone(data["view2"], training=True))
+    q1 = model.query(model.backbone(data["view1"], training=True))
+    q2 = model.query(model.backbone(data["view2"], training=True))
     k = lambda x: tf.math.l2_normalize(model.key_projector(model.key_backbone(x, training=True)), 1)
     hand = losses.info_nce_batch(q1, k(data["view2"]), 0.5)[0] + losses.info_nce_batch(q2, k(data["view1"]), 0.5)[0]
     np.testing.assert_allclose(logs["loss"], 0.4 * float(tf.reduce_mean(hand)), rtol=1e-4)
@@ -132,8 +135,7 @@ def test_every_method_config_trains_a_few_steps_with_finite_loss():
         c = module.get_config("runlocal")
         c.model.backbone, c.data.image_size = "small_cnn", 16  # the recipe's switches, tiny model
         c.model.projector_hidden_dim = 32
-        if c.model.predictor_hidden_dim:
-            c.model.predictor_hidden_dim = 32
+        c.model.predictor_hidden_dim = 32
         model = train_lib.build_model(c, total_steps=4, epoch_steps=2)
         history = model.fit(data.train_dataset(c.data, c.train.batch_size, 0), epochs=2,
                             steps_per_epoch=2, verbose=0,
@@ -141,3 +143,70 @@ def test_every_method_config_trains_a_few_steps_with_finite_loss():
         assert np.all(np.isfinite(history.history["loss"])), module.__name__
         if c.moco.momentum_schedule == "cosine":  # set before step 3 of 4
             assert float(model.momentum.numpy()) > c.moco.momentum, module.__name__
+
+
+# --- partial EMA: the momentum copy starts at a block -------------------------------------------
+
+
+def named_encoder():
+    """stem (shared with the key encoder under from:block) -> block.conv, block.bn -> pool."""
+    inputs = keras.Input((8, 8, 1))
+    x = CountCalls(name="count")(inputs)
+    x = keras.layers.Conv2D(4, 3, padding="same", name="stem")(x)
+    x = keras.layers.Conv2D(4, 3, padding="same", name="block.conv")(x)
+    x = keras.layers.BatchNormalization(name="block.bn")(x)
+    backbone = keras.Model(inputs, keras.layers.GlobalAveragePooling2D(name="pool")(x))
+    feats = keras.Input((4,))
+    return backbone, keras.Model(feats, keras.layers.Dense(DIM)(feats))
+
+
+def make_partial(m=0.5, symmetric=False, lr=0.1):
+    backbone, projector = named_encoder()
+    model = MoCo(backbone, projector, queue_size=8, momentum=m, temperature=0.5,
+                 momentum_scope="from:block", symmetric=symmetric)
+    model.compile(optimizer=keras.optimizers.SGD(lr))
+    return model
+
+
+def test_split_at_a_block_gives_a_trunk_and_head_that_compose_to_the_backbone():
+    backbone, _ = named_encoder()
+    trunk, head = split_at(backbone, "block")
+    x = batch()["view1"]
+    np.testing.assert_allclose(head(trunk(x)), backbone(x), atol=1e-6)
+    assert [layer.name for layer in head.layers[1:]] == ["block.conv", "block.bn", "pool"]
+    with pytest.raises(ValueError, match="no layer 'layer9'.*block, count, pool, stem"):
+        split_at(backbone, "layer9")
+
+
+def test_partial_scope_shares_the_trunk_and_keeps_an_ema_copy_of_the_rest():
+    model = make_partial(m=0.75)
+    # One pass of the shared part per view: the keys reuse the online trunk's activations.
+    assert forwards_in_one_step(model) == 2
+    encoder = model.key_encoder
+    head_weights = [w for name in ("block.conv", "block.bn")
+                    for w in model.backbone.get_layer(name).trainable_weights]
+    assert [v.shape for v in encoder.sources] == [v.shape for v in head_weights +
+                                                  model.projector.trainable_weights]
+    assert all(any(s is w for w in head_weights + model.projector.trainable_weights)
+               for s in encoder.sources)  # the stem has no copy
+    k_old = [v.numpy() for v in encoder.targets]
+    model.train_on_batch(batch(1))
+    for k0, q, k in zip(k_old, encoder.sources, encoder.targets):
+        np.testing.assert_allclose(k.numpy(), 0.75 * k0 + 0.25 * q.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_partial_scope_keys_come_from_the_ema_head_on_the_online_trunk_without_gradient():
+    model = make_partial(m=1.0, lr=0.0)  # nothing moves: the keys can be recomputed by hand
+    data = batch(5)
+    model.train_on_batch(data)
+    trunk = model.key_encoder.trunk
+    expected = tf.math.l2_normalize(model.key_projector(
+        model.key_backbone(trunk(data["view2"], training=True), training=True)), 1)
+    np.testing.assert_allclose(model.queue.numpy()[:B], expected, atol=1e-5)
+    # No gradient reaches the trunk, the EMA head or the projector copy through the keys.
+    x2 = tf.constant(data["view2"])
+    with tf.GradientTape(persistent=True) as tape:
+        h2, cut2 = model.key_encoder.online_features(model.backbone, x2)
+        keys = model.key_encoder.keys(x2, h2, cut2, step=0)
+    assert all(g is None for g in tape.gradient(keys, model.backbone.trainable_weights +
+                                                model.key_encoder.targets))

@@ -20,8 +20,9 @@ Numerics follow torchvision: convs without bias, BN eps=1e-5 and momentum 0.1 in
 (Keras momentum 0.9), symmetric padding for strided convs and the max-pool (Keras "same" pads a
 stride-2 layer asymmetrically: 0 before, 1 after, which shifts every window), ResNet v1.5
 (the Bottleneck's stride sits on the 3x3 conv), kaiming-normal(fan_out) conv init.
-One known difference: torch updates `running_var` with the unbiased batch variance, Keras with the
-biased one (a factor n/(n-1), negligible for n = B*H*W).
+BN layers are `SplitBatchNorm` (also for plain and synchronized BN): like torch, their moving
+variance is updated with the *unbiased* batch variance (Keras' BatchNormalization uses the biased
+one), so trained and imported models mean the same thing by `moving_variance`.
 """
 
 import keras
@@ -84,12 +85,15 @@ class Standardize(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="moco_tf")
 class SplitBatchNorm(keras.layers.BatchNormalization):
-    """BatchNorm over `num_splits` sub-batches: per-GPU BN (and shuffle-BN) emulated on one device.
+    """BatchNorm with torch's statistics, over `num_splits` sub-batches: per-GPU BN (and
+    shuffle-BN) emulated on one device; `num_splits=1` is plain BN, `synchronized=True` BN over
+    the global batch of all replicas (SyncBN).
 
     Training (`training=True` and the layer trainable): the batch `[B, ..., C]` is cut into
     `num_splits` contiguous sub-batches of `B / num_splits`, each normalised with its own mean and
-    (biased) variance; the moving statistics are updated with the average of the sub-batch
-    statistics. Inference: plain BatchNormalization with the moving statistics.
+    (biased) variance; the moving statistics are updated, as torch does, with the average of the
+    sub-batch means and *unbiased* variances (n/(n-1) times the biased one, n values per channel
+    and sub-batch). Inference: plain BatchNormalization with the moving statistics.
     The official MoCo single-GPU colab groups samples `i % G` rather than contiguously; with the
     shuffled key batch of shuffle-BN the two are the same in distribution.
 
@@ -104,8 +108,10 @@ class SplitBatchNorm(keras.layers.BatchNormalization):
         super().__init__(**kwargs)
         if int(num_splits) < 1:
             raise ValueError(f"num_splits must be >= 1, got {num_splits}.")
-        if self.renorm or self.synchronized:
-            raise ValueError("SplitBatchNorm supports neither renorm nor synchronized.")
+        if self.renorm:
+            raise ValueError("SplitBatchNorm does not support renorm.")
+        if self.synchronized and int(num_splits) != 1:
+            raise ValueError("A synchronized SplitBatchNorm has one split (the global batch).")
         self.num_splits = int(num_splits)
 
     def build(self, input_shape):
@@ -114,11 +120,12 @@ class SplitBatchNorm(keras.layers.BatchNormalization):
         super().build(input_shape)
 
     def call(self, inputs, training=None, mask=None):
-        plain = self.num_splits == 1 and len(inputs.shape) != 4
-        if not (training and self.trainable) or plain:
+        if not (training and self.trainable):
             return super().call(inputs, training=training, mask=mask)
         if mask is not None:
             raise NotImplementedError("SplitBatchNorm does not support masks.")
+        if self.synchronized:
+            return self._synchronized_call(inputs)
         groups = self.num_splits
         batch = inputs.shape[0]
         message = (
@@ -144,10 +151,25 @@ class SplitBatchNorm(keras.layers.BatchNormalization):
         if self.center:
             outputs = outputs + ops.cast(self.beta, x.dtype)
         channels = x.shape[-1]
+        n = ops.cast(ops.size(x) // (groups * channels), variance.dtype)
         self._update_moving_stats(
-            ops.reshape(mean, (groups, channels)), ops.reshape(variance, (groups, channels))
-        )
+            ops.reshape(mean, (groups, channels)),
+            ops.reshape(_unbiased(variance, n), (groups, channels)))
         return ops.cast(ops.reshape(outputs, shape), self.compute_dtype)
+
+    def _synchronized_call(self, inputs):
+        """SyncBN: Keras' moments over all replicas, then torch's moving statistics."""
+        x = ops.cast(inputs, _float32_or_wider(inputs.dtype))
+        mean, variance = self._moments(x, None)  # reduced over the replicas
+        ctx = tf.distribute.get_replica_context()
+        replicas = ctx.num_replicas_in_sync if ctx is not None else 1
+        n = ops.cast(ops.size(x) // x.shape[-1] * replicas, variance.dtype)
+        self._update_moving_stats(mean[None], _unbiased(variance, n)[None])
+        outputs = ops.batch_normalization(
+            x, mean, variance, axis=-1, epsilon=self.epsilon,
+            offset=ops.cast(self.beta, x.dtype) if self.center else None,
+            scale=ops.cast(self.gamma, x.dtype) if self.scale else None)
+        return ops.cast(outputs, self.compute_dtype)
 
     def _fused_call(self, inputs):
         """Images [B, H, W, C]: TF's fused batch-norm kernel, forward and backward in one op each.
@@ -171,9 +193,7 @@ class SplitBatchNorm(keras.layers.BatchNormalization):
             mean=tf.zeros([0]), variance=tf.zeros([0]), epsilon=self.epsilon,
             data_format="NHWC", is_training=True,
         )
-        # The kernel returns the unbiased variance; Keras' moving statistics use the biased one.
-        n = tf.cast(tf.size(x) // (groups * channels), tf.float32)
-        variance = variance * (n - 1.0) / tf.maximum(n, 1.0)
+        # The kernel returns the unbiased variance, the one torch's moving statistics use.
         self._update_moving_stats(
             tf.reshape(mean, [groups, channels]), tf.reshape(variance, [groups, channels])
         )
@@ -191,6 +211,16 @@ class SplitBatchNorm(keras.layers.BatchNormalization):
 
     def get_config(self):
         return {**super().get_config(), "num_splits": self.num_splits}
+
+
+def batch_norm(norm, split_bn_groups=8, **kwargs):
+    """The BN layer of `norm`: "bn" (one batch, TF's fused kernel on images: faster on CPU),
+    "split_bn" (`split_bn_groups` sub-batches) or "sync_bn" (the global batch of all replicas) —
+    all `SplitBatchNorm`, with torch's moving statistics."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}.")
+    return SplitBatchNorm(num_splits=split_bn_groups if norm == "split_bn" else 1,
+                          synchronized=norm == "sync_bn", **kwargs)
 
 
 def build_backbone(
@@ -235,12 +265,7 @@ def build_backbone(
             gamma_initializer="zeros" if zero_init else "ones",
             name=layer_name,
         )
-        if norm == "sync_bn":
-            return keras.layers.BatchNormalization(synchronized=True, **kwargs)
-        # "bn" is SplitBatchNorm with one split: the same statistics as Keras' BatchNormalization,
-        # computed by TF's fused kernel (faster on CPU, see SplitBatchNorm._fused_call).
-        groups = split_bn_groups if norm == "split_bn" else 1
-        return SplitBatchNorm(num_splits=groups, **kwargs)
+        return batch_norm(norm, split_bn_groups, **kwargs)
 
     inputs = keras.Input(shape=tuple(input_shape), name="images")
     x = Standardize(0.0 if mean is None else mean, 1.0 if std is None else std, name="normalize")(inputs)
@@ -326,6 +351,11 @@ def _small_cnn(x, norm_layer, widths=(16, 32, 64)):
     for i, width in enumerate(widths, start=1):
         x = _relu(norm_layer(f"bn{i}")(_conv(x, width, 3, 2, f"conv{i}")), f"relu{i}")
     return x
+
+
+def _unbiased(variance, n):
+    """The unbiased variance from the biased one of n values (torch's `running_var` update)."""
+    return variance * n / ops.maximum(n - 1.0, 1.0)
 
 
 def _float32_or_wider(dtype):

@@ -21,7 +21,7 @@ import math
 
 import keras
 
-from moco_tf.models.backbones import BN_EPSILON, BN_MOMENTUM, NORMS, SplitBatchNorm
+from moco_tf.models.backbones import BN_EPSILON, BN_MOMENTUM, NORMS, batch_norm
 
 KINDS = ("linear", "mlp")
 
@@ -112,7 +112,4 @@ def _torch_linear(units, fan_in, use_bias, **kwargs):
 
 
 def _bn(norm, groups, **kwargs):
-    kwargs.update(momentum=BN_MOMENTUM, epsilon=BN_EPSILON)
-    if norm == "split_bn":
-        return SplitBatchNorm(num_splits=groups, **kwargs)
-    return keras.layers.BatchNormalization(synchronized=(norm == "sync_bn"), **kwargs)
+    return batch_norm(norm, groups, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, **kwargs)
