@@ -7,6 +7,8 @@ The public API, named after the paper's terms:
   build_model          a compiled MoCo from a config (configs/*.py)
   train_and_evaluate   what train.py runs: fit, kNN, export, results.json
   export_backbone, load_backbone    SavedModel + .keras export of the query backbone
+  SGD, LARS            the recipes' optimizers, with PyTorch's update rules
+Submodules (`moco_tf.config`, `moco_tf.data`, `moco_tf.callbacks`, ...) load on first use too.
 """
 
 import importlib
@@ -22,11 +24,17 @@ _API = {
     "export_backbone": "moco_tf.export",
     "load_backbone": "moco_tf.export",
     "train_and_evaluate": "moco_tf.train_lib",
+    "SGD": "moco_tf.optimizers",
+    "LARS": "moco_tf.optimizers",
 }
+_SUBMODULES = ("callbacks", "checkpoint", "config", "convert", "data", "distribute", "eval",
+               "export", "losses", "models", "momentum", "optimizers", "train_lib")
 __all__ = sorted(_API)
 
 
 def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"moco_tf.{name}")
     if name not in _API:
         raise AttributeError(f"module 'moco_tf' has no attribute {name!r}")
     value = getattr(importlib.import_module(_API[name]), name)
@@ -35,4 +43,4 @@ def __getattr__(name):
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_API))
+    return sorted(set(globals()) | set(_API) | set(_SUBMODULES))

@@ -1,109 +1,17 @@
-"""Keras callbacks used during pre-training, and the embedding projector written after it."""
+"""Callbacks of the training loop: the step log, the NaN/inf guard, checkpoint cadence, the
+progress bar and TensorBoard summaries. (kNN monitor: `eval.knn`; projector: `eval.projector`.)"""
 from __future__ import annotations
 
 import json
 import math
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List
 
 import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from moco_tf.eval import knn
-
-
-class KNNMonitor(keras.callbacks.Callback):
-    """Weighted kNN top-1 of the query backbone, every N epochs and at the last epoch.
-
-    Place it before other callbacks that read the logs (TensorBoard, CSVLogger, checkpoints on
-    `knn_top1`): it writes into the shared epoch `logs` dict, and Keras' own History and progress
-    bar run after all user callbacks, so they see the values too.
-
-    Logs: `knn_top1` for `ks[0]` and `knn_top1_k{k}` for the other ks (accuracies in [0, 1]).
-    `self.history` is a list of `(epoch, {k: accuracy})` with 1-based epochs, as the progress bar
-    counts them.
-
-    Args:
-      bank_dataset: labelled memory bank (usually the un-augmented training set), yielding
-        `(images float32 [B, H, W, C] in [0, 1], labels int [B])`.
-      test_dataset: the evaluation set, same format.
-      num_classes: number of classes.
-      every_n_epochs: evaluate when `epoch % every_n_epochs == 0` (1-based) and at the last epoch.
-      ks: neighbour counts, all computed in one pass; `ks[0]` is the headline `knn_top1`.
-      temperature: vote temperature (0.1 as in InstDisc / the MoCo CIFAR demo).
-      verbose: print one line per evaluation.
-    """
-
-    def __init__(
-        self,
-        bank_dataset: tf.data.Dataset,
-        test_dataset: tf.data.Dataset,
-        num_classes: int,
-        every_n_epochs: int = 1,
-        ks: Sequence[int] = (200, 20),
-        temperature: float = 0.1,
-        verbose: int = 1,
-    ):
-        super().__init__()
-        if every_n_epochs < 1:
-            raise ValueError(f"KNNMonitor: every_n_epochs must be >= 1, got {every_n_epochs}.")
-        if not ks:
-            raise ValueError("KNNMonitor: ks must name at least one k.")
-        self.bank_dataset = bank_dataset
-        self.test_dataset = test_dataset
-        self.num_classes = int(num_classes)
-        self.every_n_epochs = int(every_n_epochs)
-        self.ks = tuple(int(k) for k in ks)
-        self.temperature = float(temperature)
-        self.verbose = verbose
-        self.history: List[Tuple[int, Dict[int, float]]] = []
-        self._features = None
-
-    def on_train_begin(self, logs=None):
-        # Evaluate the *query* backbone (the one being trained), not the momentum copy.
-        backbone = getattr(self.model, "backbone", None)
-        if backbone is None:
-            raise AttributeError(
-                "KNNMonitor: the model has no `backbone` attribute "
-                "(the query backbone to evaluate)."
-            )
-        # Traced once per fit, reused every evaluation.
-        self._features = knn._feature_function(backbone)
-
-    def _should_evaluate(self, epoch: int) -> bool:
-        last = self.params.get("epochs") if self.params else None
-        return epoch % self.every_n_epochs == 0 or (last is not None and epoch == last)
-
-    def evaluate(self) -> Dict[int, float]:
-        """kNN top-1 for every k with the current weights."""
-        if self._features is None:
-            self._features = knn._feature_function(self.model.backbone)
-        bank_x, bank_y = knn.extract_features(self._features, self.bank_dataset)
-        test_x, test_y = knn.extract_features(self._features, self.test_dataset)
-        return knn.knn_accuracy(
-            bank_x,
-            bank_y,
-            test_x,
-            test_y,
-            num_classes=self.num_classes,
-            ks=self.ks,
-            temperature=self.temperature,
-        )
-
-    def on_epoch_end(self, epoch, logs=None):
-        epoch = epoch + 1  # Keras passes 0-based epochs; report them as the progress bar does.
-        if not self._should_evaluate(epoch):
-            return
-        accuracies = self.evaluate()
-        self.history.append((epoch, accuracies))
-        if logs is not None:
-            for i, k in enumerate(self.ks):
-                logs["knn_top1" if i == 0 else f"knn_top1_k{k}"] = accuracies[k]
-        if self.verbose:
-            parts = ", ".join(f"k={k}: {100 * accuracies[k]:.2f}%" for k in self.ks)
-            print(f"Epoch {epoch}: kNN top-1 {parts}")
 
 
 def _step(model) -> int:
@@ -290,68 +198,74 @@ class PeriodicCheckpoint(keras.callbacks.Callback):
             self._save(step)
 
 
-def _thumbnails(images, size: int) -> np.ndarray:
-    """Images [B, H, W, C] in [0, 1] -> uint8 [B, size, size, C]."""
-    if tuple(images.shape[1:3]) != (size, size):
-        images = tf.image.resize(images, (size, size))
-    return (np.clip(np.asarray(images), 0, 1) * 255).round().astype(np.uint8)
+class ProgressBar(keras.callbacks.ProgbarLogger):
+    """Keras' progress bar without the step's bookkeeping logs (`batch_loss`, `finite`): it shows
+    the loss, the contrastive top-1, lr and m (and kNN at epoch ends)."""
+
+    HIDDEN = ("batch_loss", "finite")
+
+    def _visible(self, logs):
+        return {k: v for k, v in (logs or {}).items() if k not in self.HIDDEN}
+
+    def _update_progbar(self, batch, logs=None):
+        super()._update_progbar(batch, self._visible(logs))
+
+    def _finalize_progbar(self, logs):
+        super()._finalize_progbar(self._visible(logs))
 
 
-def _sprite(thumbs: np.ndarray) -> np.ndarray:
-    """Thumbnails [N, S, S, C] tiled row-major into one square image [G*S, G*S, C]."""
-    size = thumbs.shape[1]
-    grid = int(math.ceil(math.sqrt(len(thumbs))))
-    pad = np.zeros((grid * grid - len(thumbs), *thumbs.shape[1:]), thumbs.dtype)
-    tiles = np.concatenate([thumbs, pad]).reshape(grid, grid, size, size, -1)
-    return tiles.transpose(0, 2, 1, 3, 4).reshape(grid * size, grid * size, -1)
+class TrainingSummaries(keras.callbacks.Callback):
+    """TensorBoard summaries of a run, in `log_dir`:
 
-
-def write_embedding_projector(backbone, dataset, log_dir: str, max_examples: int = 2000,
-                              thumbnail: int = 32) -> int:
-    """Writes backbone features of (up to) `max_examples` labelled images for TensorBoard's
-    embedding projector: `tensorboard --logdir <log_dir's parent>`, tab "Projector".
-
-    Args:
-      backbone: the query backbone, images [B, H, W, C] in [0, 1] -> features [B, D]; run in
-        inference mode.
-      dataset: yields `(images float32 [B, H, W, C] in [0, 1], labels int [B])`, e.g. the test set.
-      log_dir: output folder: `embedding.ckpt-1.*` (features [N, D]), `metadata.tsv` (one label per
-        line), `sprite.png` (thumbnails) and `projector_config.pbtxt`.
-    Returns:
-      the number of examples written.
+    - every `every_n_steps` steps: `step/loss` (the step's own), `step/top1`, `step/lr`,
+      `step/momentum`, at the global step;
+    - every epoch: `epoch/loss`, `epoch/top1` and the kNN accuracies (the kNN curve);
+    - at the start: the config as hparams (`hparams` dict of str -> scalar) and, if
+      `sample_views` is given, an image of augmented view pairs (`views/view1`, `views/view2`).
     """
-    from tensorboard.plugins import projector  # only needed here
 
-    features_fn = tf.function(lambda x: tf.cast(backbone(x, training=False), tf.float32),
-                              reduce_retracing=True)
-    feats, labels, thumbs, count = [], [], [], 0
-    size = None
-    for x, y in dataset:
-        take = min(max_examples - count, int(x.shape[0]))
-        if take <= 0:
-            break
-        x = x[:take]
-        feats.append(features_fn(x).numpy())
-        labels.append(np.asarray(y)[:take].reshape(-1))
-        size = size or min(int(x.shape[1]), thumbnail)
-        thumbs.append(_thumbnails(x, size))  # small copies only: 2000 ImageNet images are 1 GB
-        count += take
-    if not count:
-        raise ValueError("write_embedding_projector: the dataset is empty.")
-    os.makedirs(log_dir, exist_ok=True)
-    with open(os.path.join(log_dir, "metadata.tsv"), "w") as f:
-        f.writelines(f"{int(y)}\n" for y in np.concatenate(labels))
-    tf.io.write_file(os.path.join(log_dir, "sprite.png"),
-                     tf.io.encode_png(_sprite(np.concatenate(thumbs))))
-    embedding = tf.Variable(np.concatenate(feats), trainable=False)
-    # save() also writes the `checkpoint` state file, by which the projector finds the tensor.
-    tf.train.Checkpoint(embedding=embedding).save(os.path.join(log_dir, "embedding.ckpt"))
+    def __init__(self, log_dir, every_n_steps=50, hparams=None, sample_views=None):
+        super().__init__()
+        self.log_dir, self.every = log_dir, max(1, int(every_n_steps))
+        self.hparams, self.sample_views = hparams, sample_views
+        self.writer = None
 
-    config = projector.ProjectorConfig()
-    entry = config.embeddings.add()
-    entry.tensor_name = "embedding/.ATTRIBUTES/VARIABLE_VALUE"
-    entry.metadata_path = "metadata.tsv"
-    entry.sprite.image_path = "sprite.png"
-    entry.sprite.single_image_dim.extend([size, size])
-    projector.visualize_embeddings(log_dir, config)
-    return count
+    def on_train_begin(self, logs=None):
+        self.writer = tf.summary.create_file_writer(self.log_dir)
+        step = _step(self.model)
+        with self.writer.as_default(step=step):
+            if self.hparams:
+                from tensorboard.plugins.hparams import api as hp
+
+                hp.hparams(self.hparams)
+            if self.sample_views is not None:
+                views = (self.sample_views["view1"], self.sample_views["view2"])
+                augmenter = getattr(self.model, "augmenter", None)
+                if augmenter is not None:  # augment_on=device: the pipeline sent crops only
+                    views = augmenter(views, tf.constant(step, tf.int64))
+                for name, images in zip(("view1", "view2"), views):
+                    images = tf.cast(images, tf.float32) / (
+                        255.0 if images.dtype == tf.uint8 else 1.0)
+                    tf.summary.image(f"views/{name}", images, max_outputs=8)
+        self.writer.flush()
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = _step(self.model)
+        if step % self.every or not logs:
+            return
+        with self.writer.as_default(step=step):
+            for name, key in (("loss", "batch_loss"), ("top1", "top1"), ("lr", "lr"),
+                              ("momentum", "momentum")):
+                if key in logs:
+                    tf.summary.scalar(f"step/{name}", float(logs[key]))
+
+    def on_epoch_end(self, epoch, logs=None):
+        with self.writer.as_default(step=epoch + 1):
+            for key, value in (logs or {}).items():
+                if key in ("loss", "top1") or key.startswith("knn_"):
+                    tf.summary.scalar(f"epoch/{key}", float(value))
+        self.writer.flush()
+
+    def on_train_end(self, logs=None):
+        if self.writer is not None:
+            self.writer.flush()

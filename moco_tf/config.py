@@ -133,6 +133,7 @@ def defaults() -> ml_collections.ConfigDict:
     # train.batch_size stays the global batch, split evenly over the replicas.
     c.train.strategy = "default"
     c.train.verbose = 1  # Keras progress bar: 0 silent, 1 bar, 2 one line per epoch
+    c.train.summary_every_steps = 50  # TensorBoard step scalars (loss, top1, lr, m)
     # Checkpoints in <workdir>/checkpoints, also at every epoch end; re-running resumes exactly.
     c.train.checkpoint_every_steps = 500  # 0 = only at epoch ends
     c.train.keep_checkpoints = 3
@@ -177,6 +178,13 @@ def _flatten(cfg, prefix=""):
         else:
             out[path] = value
     return out
+
+
+def hparams(config: ml_collections.ConfigDict) -> dict:
+    """The config flattened for TensorBoard's hparams: {"train.batch_size": 256, ...}; tuples
+    become strings."""
+    return {key: value if isinstance(value, (bool, int, float, str)) else str(value)
+            for key, value in _flatten(config).items() if value is not None}
 
 
 def _same_kind(value, default) -> bool:

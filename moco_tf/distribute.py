@@ -31,15 +31,26 @@ def create_strategy(name="default", *, devices=None, tpu=None):
         if devices is None:
             gpus = tf.config.list_logical_devices("GPU")
             devices = [d.name for d in gpus or tf.config.list_logical_devices("CPU")]
+            if len(devices) < 2:
+                raise ConfigError(
+                    "'train.strategy' is 'mirrored' but TensorFlow sees no GPU (and one CPU "
+                    "device): there is nothing to mirror over. Check the GPU install "
+                    "(pip install -e \".[gpu]\", nvidia-smi), or use train.strategy=default.")
         return tf.distribute.MirroredStrategy(devices)
     if name == "multi_worker":
         return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "tpu":
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
-            tpu=tpu or os.environ.get("TPU_NAME", "local")
-        )
-        tf.config.experimental_connect_to_cluster(resolver)
-        tf.tpu.experimental.initialize_tpu_system(resolver)
+        address = tpu or os.environ.get("TPU_NAME", "local")
+        try:
+            resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=address)
+            tf.config.experimental_connect_to_cluster(resolver)
+            tf.tpu.experimental.initialize_tpu_system(resolver)
+        except (tf.errors.OpError, ValueError, RuntimeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise ConfigError(
+                f"'train.strategy' is 'tpu' but no TPU was found at {address!r} ({first}). Run "
+                f"on a TPU VM, or set TPU_NAME to your TPU, or use train.strategy=default."
+            ) from None
         return tf.distribute.TPUStrategy(resolver)
     raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
 

@@ -1,9 +1,10 @@
 """Export of the trained (query) backbone for serving and for fine-tuning.
 
-`export_dir/` holds two artifacts:
+`export_dir/` holds two artifacts, both loadable with TensorFlow/Keras alone (no moco_tf):
   saved_model/    TF SavedModel for serving (TF Serving, TFLite, `tf.saved_model.load`);
                   `serving_default`: uint8 `[None, H, W, C]` -> {"features": float32 [None, D]}.
-  backbone.keras  the Keras backbone, reloadable as a layer for fine-tuning (`load_backbone`).
+  backbone.keras  the Keras backbone made of plain Keras layers (`plain_keras`), for
+                  fine-tuning: `keras.models.load_model` (or `load_backbone`).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ def export_backbone(backbone: keras.Model, export_dir: str, *, image_shape: Sequ
     if len(image_shape) != 3:
         raise ValueError(f"export_backbone: image_shape must be (H, W, C), got {image_shape}.")
     os.makedirs(export_dir, exist_ok=True)
+    backbone = plain_keras(backbone)
 
     def features_from_float(images):
         # Inference mode: BN moving statistics; a float32 output even under mixed precision.
@@ -63,6 +65,34 @@ def export_backbone(backbone: keras.Model, export_dir: str, *, image_shape: Sequ
     return export_dir
 
 
+def plain_keras(backbone: keras.Model) -> keras.Model:
+    """The same backbone built from Keras' own layers only, with the same weights and the same
+    inference outputs: `Standardize` becomes `Normalization(mean, variance=std**2)` and
+    `SplitBatchNorm` a `BatchNormalization` (they differ only in training). Loadable where
+    moco_tf is not installed."""
+    from moco_tf.models.backbones import SplitBatchNorm, Standardize
+
+    def clone(layer):
+        if isinstance(layer, Standardize):
+            channels = layer.input.shape[-1]
+            mean = layer.mean * (channels // len(layer.mean))
+            std = layer.std * (channels // len(layer.std))
+            return keras.layers.Normalization(mean=mean, variance=[s * s for s in std],
+                                              name=layer.name, dtype="float32")
+        if isinstance(layer, SplitBatchNorm):
+            config = layer.get_config()
+            config.pop("num_splits")
+            config["synchronized"] = False
+            return keras.layers.BatchNormalization.from_config(config)
+        return layer.__class__.from_config(layer.get_config())
+
+    plain = keras.models.clone_model(backbone, clone_function=clone)
+    for source, target in zip(backbone.layers, plain.layers):
+        if source.weights:
+            target.set_weights(source.get_weights())
+    return plain
+
+
 def load_backbone(path: str, trainable: bool = False) -> keras.Model:
     """Loads the `.keras` backbone from an export dir (or the `.keras` file itself).
 
@@ -73,7 +103,7 @@ def load_backbone(path: str, trainable: bool = False) -> keras.Model:
         path = os.path.join(path, KERAS_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"load_backbone: no Keras backbone at {path}.")
-    # Registers moco_tf's serializable layers (custom backbone blocks) before deserialising.
+    # Exports before 0.2 hold moco_tf's own layers: register them before deserialising.
     import moco_tf.models  # noqa: F401
     backbone = keras.saving.load_model(path, compile=False)
     backbone.trainable = trainable

@@ -22,7 +22,7 @@ from moco_tf import export as export_lib
 from moco_tf import momentum as momentum_lib
 from moco_tf import workdir as workdir_lib
 from moco_tf.data import datasets, image_folder
-from moco_tf.eval import knn
+from moco_tf.eval import knn, projector
 from moco_tf.models import backbones, heads
 from moco_tf.models.contrastive import MoCo
 from moco_tf.optimizers import LARS, SGD
@@ -283,10 +283,13 @@ def _train_and_evaluate(config, workdir, callbacks, cleanup):
         )
         start_step = checkpointer.restore_latest() or 0
     step_log = os.path.join(workdir, STEP_LOG)
-    if start_step:
-        logging.info("Resuming from step %d (epoch %d, step %d of it) of %d, from %s.", start_step,
-                     start_step // epoch_steps + 1, start_step % epoch_steps, total_steps,
-                     checkpointer.directory)
+    if start_step >= total_steps:
+        logging.info("Training already complete (step %d of %d, in %s); evaluating and "
+                     "exporting.", start_step, total_steps, checkpointer.directory)
+    elif start_step:
+        logging.info("Resuming from step %d of %d (epoch %d of %d, step %d of it), from %s.",
+                     start_step, total_steps, start_step // epoch_steps + 1, config.train.epochs,
+                     start_step % epoch_steps, checkpointer.directory)
     elif os.path.exists(step_log):
         os.remove(step_log)  # a fresh run: the log of an earlier one would be mixed in
 
@@ -297,13 +300,18 @@ def _train_and_evaluate(config, workdir, callbacks, cleanup):
     if config.eval.knn_every_epochs:
         bank = data_lib.eval_dataset(config.data, config.data.train_split, config.eval.batch_size)
         test = data_lib.eval_dataset(config.data, config.data.eval_split, config.eval.batch_size)
-        monitor = callbacks_lib.KNNMonitor(
+        monitor = knn.KNNMonitor(
             bank, test, config.data.num_classes, every_n_epochs=config.eval.knn_every_epochs,
             ks=tuple(config.eval.knn_ks), temperature=config.eval.knn_temperature,
         )
         callbacks.append(monitor)
     callbacks += extra_callbacks
-    callbacks.append(keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard")))
+    if config.train.verbose == 1:
+        callbacks.append(callbacks_lib.ProgressBar())
+    sample = next(iter(data_lib.train_dataset(config.data, min(batch, 8), config.seed)))
+    callbacks.append(callbacks_lib.TrainingSummaries(
+        os.path.join(workdir, "tensorboard"), config.train.summary_every_steps,
+        hparams=config_lib.hparams(config), sample_views=sample))
     # The step log before the checkpoint: every checkpointed step is already logged.
     callbacks.append(callbacks_lib.StepLog(step_log))
     # NaN/inf: stop or count skipped steps, before a checkpoint of the step could be written.
@@ -313,8 +321,6 @@ def _train_and_evaluate(config, workdir, callbacks, cleanup):
         checkpointer, config.train.checkpoint_every_steps, epoch_steps
     ))
 
-    if start_step >= total_steps:
-        logging.info("Training already complete (step %d); evaluating and exporting.", start_step)
     _fit_from(model, config, start_step, epoch_steps, callbacks)
 
     loss_per_epoch = _loss_per_epoch(step_log, epoch_steps, config.train.epochs)
@@ -322,7 +328,9 @@ def _train_and_evaluate(config, workdir, callbacks, cleanup):
         "epochs": config.train.epochs,
         "steps": total_steps,
         "resumed_from_step": start_step,
-        "images_per_sec": round(throughput.images_per_sec(), 2),
+        # Of the training this call did (None if there was none left to do).
+        "images_per_sec": (round(throughput.images_per_sec(), 2) if throughput.epoch_seconds
+                           else None),
         "train_seconds": round(sum(throughput.epoch_seconds), 1),
         "final_loss": loss_per_epoch[-1],
         "loss_per_epoch": loss_per_epoch,
@@ -341,31 +349,23 @@ def _train_and_evaluate(config, workdir, callbacks, cleanup):
         results["knn_per_epoch"] = [
             {"epoch": e, **{f"k{k}": float(a) for k, a in accs.items()}} for e, accs in monitor.history
         ]
-        if config.eval.raw_pixel_baseline:
-            results["knn_top1_raw_pixels"] = raw_pixel_knn(config, bank, test)
+        if config.eval.raw_pixel_baseline:  # the same kNN on the pixels themselves
+            accs = knn.evaluate_knn(None, bank, test, num_classes=config.data.num_classes,
+                                    ks=ks, temperature=config.eval.knn_temperature)
+            results["knn_top1_raw_pixels"] = {f"k{k}": float(a) for k, a in accs.items()}
     if config.eval.export:
         shape = (config.data.image_size, config.data.image_size, config.data.channels)
         results["export_dir"] = export_lib.export_backbone(
             model.backbone, os.path.join(workdir, "export"), image_shape=shape
         )
         # Test-set features with labels for TensorBoard's embedding projector.
-        results["projector_examples"] = callbacks_lib.write_embedding_projector(
+        results["projector_examples"] = projector.write_embedding_projector(
             model.backbone,
             data_lib.eval_dataset(config.data, config.data.eval_split, config.eval.batch_size),
             os.path.join(workdir, "tensorboard", "projector"), max_examples=PROJECTOR_EXAMPLES,
+            class_names=datasets.class_names(config.data),
         )
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     logging.info("Results: %s", json.dumps({k: v for k, v in results.items() if "per_epoch" not in k}))
     return model, results
-
-
-def raw_pixel_knn(config, bank, test) -> dict:
-    """The same kNN on raw pixels: the baseline learned features have to beat."""
-    bank_x, bank_y = knn.pixel_features(bank)
-    test_x, test_y = knn.pixel_features(test)
-    accs = knn.knn_accuracy(
-        bank_x, bank_y, test_x, test_y, num_classes=config.data.num_classes,
-        ks=tuple(config.eval.knn_ks), temperature=config.eval.knn_temperature,
-    )
-    return {f"k{k}": float(a) for k, a in accs.items()}

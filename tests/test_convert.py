@@ -1,9 +1,10 @@
 """Official PyTorch MoCo checkpoints -> Keras: features equal to torchvision's, exports, errors.
 
-torchvision builds the reference models in a child process that never loads TensorFlow:
-`import triton` (torchvision pulls it in) crashes a process holding TensorFlow >= 2.20
+The reference models are torchvision's ResNets (or, without torchvision, `tests/torch_resnet.py`,
+the same modules and forward in plain PyTorch), built in a child process that never loads
+TensorFlow: `import triton` (torchvision pulls it in) crashes a process holding TensorFlow >= 2.20
 (tensorflow/tensorflow#124205). The converter itself only calls `torch.load`, which is safe.
-Needs `pip install -r requirements-convert.txt`; without torch the tests are skipped.
+Needs PyTorch (`pip install -e ".[convert]"`); without it the tests are skipped.
 """
 import importlib.util
 import json
@@ -20,7 +21,7 @@ from moco_tf import export
 from moco_tf.convert import torch_moco
 from moco_tf.convert.torch_moco import ConversionError, convert
 
-SKIP = "PyTorch/torchvision not installed: pip install -r requirements-convert.txt"
+SKIP = 'PyTorch not installed: pip install -e ".[convert]"'
 TOLERANCE = 1e-4  # max abs error of the pooled features (channels-last vs channels-first)
 
 # Writes <out>/<name>.pth.tar checkpoints in the official layouts and <out>/<name>.npz with the
@@ -28,8 +29,12 @@ TOLERANCE = 1e-4  # max abs error of the pooled features (channels-last vs chann
 TORCH_SCRIPT = textwrap.dedent(
     """
     import argparse, sys
-    import numpy as np, torch, torchvision
+    import numpy as np, torch
     from torch import nn
+    try:
+        from torchvision.models import resnet18, resnet50
+    except ImportError:  # the same architecture in plain torch (tests/torch_resnet.py)
+        from torch_resnet import resnet18, resnet50
 
     out = sys.argv[1]
     torch.manual_seed(0)
@@ -83,7 +88,7 @@ TORCH_SCRIPT = textwrap.dedent(
 
     # MoCo v2 (main_moco.py --mlp): fc = Linear(2048, 2048) - ReLU - Linear(2048, 128), and the
     # queue (the key encoder is left out here to keep the file small; see r18_v1).
-    r50 = randomize_bn(torchvision.models.resnet50(), "bn3")
+    r50 = randomize_bn(resnet50(), "bn3")
     r50.fc = nn.Sequential(nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 128))
     x = images(64, 0)
     sd = r50.state_dict()
@@ -92,7 +97,7 @@ TORCH_SCRIPT = textwrap.dedent(
     save("r50_v2", {"epoch": 800, "arch": "resnet50", "state_dict": state, "optimizer": optimizer},
          x, features=features(r50, x), projection=run(r50, x))
 
-    r18 = randomize_bn(torchvision.models.resnet18(), "bn2")
+    r18 = randomize_bn(resnet18(), "bn2")
     x = images(32, 1)
     f18 = features(r18, x)
     # MoCo v1: fc = Linear(512, 128); the key encoder beside it (scaled, so loading it instead of
@@ -136,12 +141,12 @@ TORCH_SCRIPT = textwrap.dedent(
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """Folder of the checkpoints and references; `ckpt / "r50_v2.pth.tar"` etc."""
-    pytest.importorskip("torch", reason=SKIP)
-    if importlib.util.find_spec("torchvision") is None:  # not imported here: see the docstring
+    if importlib.util.find_spec("torch") is None:  # not imported here: see the docstring
         pytest.skip(SKIP)
     out = tmp_path_factory.mktemp("torch_checkpoints")
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(__file__))}
     result = subprocess.run([sys.executable, "-c", TORCH_SCRIPT, str(out)], capture_output=True,
-                            text=True, timeout=600)
+                            text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -285,5 +290,5 @@ def test_missing_torch_says_how_to_install(tmp_path, monkeypatch):
     path = tmp_path / "model.pth"
     path.write_bytes(b"\x80\x02")  # a pickle header: reaches the torch import
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
-    with pytest.raises(ImportError, match="pip install -r requirements-convert.txt"):
+    with pytest.raises(ImportError, match=r'pip install "moco-tf\[convert\]"'):
         convert(str(path), None)

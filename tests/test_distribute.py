@@ -202,6 +202,7 @@ def _free_ports(n):
     return ports
 
 
+@pytest.mark.slow
 def test_an_image_folder_trains_with_per_host_input_and_device_augmentation(tmp_path):
     path = str(tmp_path / "out.npz")
     _run(["records", path])
@@ -211,6 +212,7 @@ def test_an_image_folder_trains_with_per_host_input_and_device_augmentation(tmp_
     assert np.isfinite(out["records_final_loss"])
 
 
+@pytest.mark.slow
 def test_multi_worker_two_processes_have_identical_queues(tmp_path):
     workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
     procs = []

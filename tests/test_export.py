@@ -135,3 +135,59 @@ def test_load_backbone_fine_tunes_or_stays_frozen(exported):
     assert all(_changed(head_before, head_after))  # the step did happen
     # Frozen: no weight moves, BN moving statistics included (frozen BN runs in inference mode).
     assert not any(_changed(bb_before, bb_after))
+
+
+# A process that cannot import moco_tf: what a user without it installed has.
+_WITHOUT_MOCO_TF = textwrap.dedent("""
+    import sys
+    sys.modules["moco_tf"] = None  # any `import moco_tf...` now raises ImportError
+    import keras, numpy as np, tensorflow as tf
+    export, images_path, out = sys.argv[1:4]
+    images = np.load(images_path)
+    backbone = keras.models.load_model(export + "/backbone.keras")
+    serve = tf.saved_model.load(export + "/saved_model").signatures["serving_default"]
+    np.savez(out, keras=backbone(images.astype("float32") / 255.0, training=False).numpy(),
+             served=serve(images=tf.constant(images))["features"].numpy(),
+             layers=[type(layer).__name__ for layer in backbone.layers])
+""")
+
+
+def test_a_moco_tf_backbone_exports_to_plain_keras_that_loads_without_moco_tf(tmp_path):
+    from moco_tf.models.backbones import build_backbone
+
+    backbone = build_backbone("resnet18", (16, 16, 3), cifar_stem=True, width=8, norm="split_bn",
+                              split_bn_groups=2, mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.25))
+    backbone(np.random.default_rng(0).uniform(size=(4, 16, 16, 3)), training=True)  # move BN stats
+    export.export_backbone(backbone, str(tmp_path / "export"), image_shape=(16, 16, 3))
+    images = np.random.default_rng(1).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    np.save(tmp_path / "images.npy", images)
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_MOCO_TF, str(tmp_path / "export"),
+                           str(tmp_path / "images.npy"), str(tmp_path / "out.npz")],
+                          capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = np.load(tmp_path / "out.npz")
+    expected = backbone(images.astype(np.float32) / 255.0, training=False).numpy()
+    np.testing.assert_allclose(out["keras"], expected, atol=1e-5)
+    np.testing.assert_allclose(out["served"], expected, atol=1e-5)
+    assert "Normalization" in out["layers"] and "SplitBatchNorm" not in out["layers"]
+
+
+def test_model_save_stores_each_weight_once_and_loads_back(tmp_path):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from configs import synthetic
+    from moco_tf import train_lib
+
+    for scope in ("full", "from:layer3", "projector"):
+        c = synthetic.get_config()
+        c.model.backbone, c.model.width, c.moco.momentum_scope = "resnet18", 8, scope
+        model = train_lib.build_model(c)
+        path = str(tmp_path / f"{scope.replace(':', '_')}.keras")
+        model.save(path)
+        weight_bytes = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize
+                           for v in model.weights)
+        # Each weight once, plus the config and the archive's own overhead.
+        assert os.path.getsize(path) < 1.2 * weight_bytes + 600_000, scope
+        again = keras.models.load_model(path)
+        for a, b in zip(model.weights, again.weights):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+        assert again.momentum_scope == scope

@@ -84,6 +84,7 @@ def small(config):
     return config
 
 
+@pytest.mark.slow
 def test_moco_v2_config_on_tfds_imagenet2012_prepared_from_the_manual_archives(tmp_path):
     make_imagenet_archives(str(tmp_path / "manual"))
     config = small(moco_v2.get_config())
@@ -98,6 +99,7 @@ def test_moco_v2_config_on_tfds_imagenet2012_prepared_from_the_manual_archives(t
     assert json.load(open(tmp_path / "run" / "results.json"))["knn_top1"] == results["knn_top1"]
 
 
+@pytest.mark.slow
 def test_moco_v3_config_on_an_ilsvrc_folder_with_device_augmentation(tmp_path):
     make_ilsvrc_folder(str(tmp_path / "imagenet"))
     config = small(moco_v3.get_config())

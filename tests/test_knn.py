@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from moco_tf.callbacks import KNNMonitor
+from moco_tf.eval.knn import KNNMonitor
 from moco_tf.eval import knn
 
 
@@ -143,13 +143,14 @@ def test_extract_features_normalised_inference_mode_and_pixel_baseline():
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
     np.testing.assert_allclose(feats, expected, atol=1e-5)
 
-    pix, pix_y = knn.pixel_features(_dataset(x, y))
+    # No model: the raw pixels, flattened and normalised, through the same kNN code path.
+    pix, pix_y = knn.extract_features(lambda images: images, _dataset(x, y))
     assert pix.shape == (37, 64)
     flat = x.reshape(37, -1)
     np.testing.assert_allclose(pix, flat / np.linalg.norm(flat, axis=1, keepdims=True), atol=1e-6)
     tx, ty = _pattern_images(20, seed=1)
-    tpix, tpix_y = knn.pixel_features(_dataset(tx, ty))
-    assert knn.knn_accuracy(pix, pix_y, tpix, tpix_y, num_classes=3, ks=(5,)) == {5: 1.0}
+    assert knn.evaluate_knn(None, _dataset(x, y), _dataset(tx, ty), num_classes=3,
+                            ks=(5,)) == {5: 1.0}
 
 
 class StandInMoCo(keras.Model):

@@ -10,9 +10,9 @@ import numpy as np
 import tensorflow as tf
 
 from configs import synthetic
-from moco_tf import callbacks as callbacks_lib
+
 from moco_tf import data, export
-from moco_tf.eval import linear
+from moco_tf.eval import linear, projector
 from moco_tf.models import backbones
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,7 +99,7 @@ def test_embedding_projector_writes_features_labels_and_sprite(tmp_path):
     backbone = small_backbone()
     test_ds = data.eval_dataset(c.data, "test", 20)
     log_dir = str(tmp_path / "projector")
-    n = callbacks_lib.write_embedding_projector(backbone, test_ds, log_dir, max_examples=25)
+    n = projector.write_embedding_projector(backbone, test_ds, log_dir, max_examples=25)
     assert n == 25
     images = np.concatenate([x for x, _ in test_ds.as_numpy_iterator()])[:25]
     labels = np.concatenate([y for _, y in test_ds.as_numpy_iterator()])[:25]
@@ -108,6 +108,13 @@ def test_embedding_projector_writes_features_labels_and_sprite(tmp_path):
     reader = tf.train.load_checkpoint(log_dir)
     stored = reader.get_tensor("embedding/.ATTRIBUTES/VARIABLE_VALUE")
     np.testing.assert_allclose(stored, backbone(images, training=False).numpy(), atol=1e-5)
+    named = str(tmp_path / "named")
+    projector.write_embedding_projector(backbone, test_ds, named, max_examples=4,
+                                        class_names=["zero", "one", "two", "three"])
+    with open(os.path.join(named, "metadata.tsv")) as f:
+        assert f.readline() == "label\tclass\n"  # a header: two columns
+        assert [line.split("\t")[1].strip() for line in f] == [
+            ["zero", "one", "two", "three"][y] for y in labels[:4]]
     config = open(os.path.join(log_dir, "projector_config.pbtxt")).read()
     assert "metadata.tsv" in config and "sprite.png" in config
     sprite = tf.io.decode_png(tf.io.read_file(os.path.join(log_dir, "sprite.png"))).numpy()

@@ -246,6 +246,10 @@ CONFIG_MISTAKES = [
     ("missing_fashion_mnist_folder",
      ["--config=configs/fashion_mnist.py:smoke", "--config.data.data_dir=/nonexistent/fmnist"],
      "'data.data_dir': the Fashion-MNIST folder /nonexistent/fmnist does not exist."),
+    ("tpu_without_a_tpu", ["--config.train.strategy=tpu"],
+     "'train.strategy' is 'tpu' but no TPU was found at 'local'"),
+    ("mirrored_without_gpus", ["--config.train.strategy=mirrored"],
+     "'train.strategy' is 'mirrored' but TensorFlow sees no GPU (and one CPU device)"),
     ("service_for_an_in_memory_source", ["--config.data.service_address=grpc://localhost:1"],
      "'data.service_address' works with data.source='image_folder'"),
     # Data errors: the data given cannot be used as it is (also exit 2, before anything is built).
@@ -289,9 +293,7 @@ time.sleep(600)
 _RUN_CASES = """
 import importlib.util, json, os, sys, traceback
 sys.path.insert(0, os.getcwd())
-spec = importlib.util.spec_from_file_location("train", "train.py")
-train = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train)
+from moco_tf import train_cli as train  # what train.py runs
 import moco_tf.train_lib  # noqa: F401  TensorFlow and the package, imported once, no op run
 from absl import app
 children = {}
@@ -300,7 +302,7 @@ for name, args, stderr_path in json.loads(sys.argv[1]):  # all at once: most end
     if pid == 0:
         fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(fd, 2)
-        sys.argv = ["train.py", *args]  # as `python train.py ARGS` sets it (absl reads it)
+        sys.argv = train.bundled_config(["train.py", *args])  # as train.py's run() sets it
         code = 0
         try:
             app.run(train.main, flags_parser=train._parse_flags)

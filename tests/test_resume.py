@@ -71,6 +71,7 @@ def final_state(workdir):
             if "OBJECT_GRAPH" not in name}
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_exactly_like_an_uninterrupted_one(tmp_path):
     config_path = tmp_path / "tiny.py"
     config_path.write_text(CONFIG_FILE)

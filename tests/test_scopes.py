@@ -125,6 +125,7 @@ def test_predictor_is_on_the_query_side_only_and_loss_scale_multiplies():
     np.testing.assert_allclose(logs["loss"], 0.4 * float(tf.reduce_mean(hand)), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_every_method_config_trains_a_few_steps_with_finite_loss():
     import sys, os  # noqa: E401
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

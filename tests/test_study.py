@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -19,6 +21,7 @@ def study(tmp_path, *args):
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_momentum_study_smoke_resumes_and_reports(tmp_path):
     methods = "--methods=MoCo v2,EMA from layer4"
     study(tmp_path, methods, "--seeds=0")

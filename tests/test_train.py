@@ -62,7 +62,48 @@ def test_training_writes_results_tensorboard_and_export(trained):
     assert 0.0 <= on_disk["knn_top1"] <= 1.0
     assert on_disk["images_per_sec"] > 0
     assert [e["epoch"] for e in on_disk["knn_per_epoch"]] == [2, 4]
-    assert os.path.isdir(os.path.join(workdir, "tensorboard"))
+
+
+def _summaries(log_dir):
+    """{tag: [(step, value or image count)]} of the TensorBoard event files in log_dir."""
+    out = {}
+    for name in os.listdir(log_dir):
+        if not name.startswith("events.out"):
+            continue
+        for event in tf.compat.v1.train.summary_iterator(os.path.join(log_dir, name)):
+            for value in event.summary.value:
+                tensor = tf.make_ndarray(value.tensor) if value.HasField("tensor") else None
+                out.setdefault(value.tag, []).append((event.step, tensor))
+    return out
+
+
+def test_tensorboard_gets_step_and_epoch_scalars_hparams_views_and_labelled_projector(trained):
+    _, results, workdir = trained
+    tags = _summaries(os.path.join(workdir, "tensorboard"))
+    # Step scalars every train.summary_every_steps (50 by default; 4 epochs x 8 steps: none at
+    # 50, so the config's cadence is checked on the epoch scalars and in the next test).
+    for key in ("loss", "top1"):
+        assert [step for step, _ in tags[f"epoch/{key}"]] == [1, 2, 3, 4]
+    assert [step for step, _ in tags["epoch/knn_top1"]] == [2, 4]  # the kNN curve
+    assert float(tags["epoch/knn_top1"][-1][1]) == pytest.approx(results["knn_top1"])
+    assert "_hparams_/session_start_info" in tags
+    for view in ("views/view1", "views/view2"):
+        assert len(tags[view]) == 1  # an image of augmented pairs, at the start
+    assert not any("learning_rate" in tag or "finite" in tag for tag in tags)
+
+
+def test_step_scalars_every_n_steps_and_a_progress_bar_without_bookkeeping(tmp_path, capfd):
+    c = synthetic_config()
+    c.train.epochs, c.train.steps_per_epoch, c.train.summary_every_steps = 1, 6, 2
+    c.train.verbose = 1
+    c.eval.knn_every_epochs, c.eval.export = 0, False
+    train_lib.train_and_evaluate(c, str(tmp_path))
+    tags = _summaries(str(tmp_path / "tensorboard"))
+    for key in ("loss", "top1", "lr", "momentum"):
+        assert [step for step, _ in tags[f"step/{key}"]] == [2, 4, 6], key
+    bar = capfd.readouterr().out
+    assert "top1" in bar and "momentum" in bar and "lr" in bar
+    assert "finite" not in bar and "batch_loss" not in bar
 
 
 def test_learned_features_beat_chance_on_the_synthetic_classes(trained):
@@ -100,6 +141,7 @@ def test_build_model_gives_a_model_ready_for_fit():
 
 
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST), reason="apt-get install dataset-fashion-mnist")
+@pytest.mark.slow
 def test_quickstart_smoke_through_train_py_on_real_fashion_mnist(tmp_path):
     proc = subprocess.run(
         [sys.executable, "train.py", "--config=configs/fashion_mnist.py:smoke",

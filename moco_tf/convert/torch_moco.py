@@ -24,8 +24,8 @@ transpose; BN weight/bias/running_mean/running_var -> gamma/beta/moving_mean/mov
   python -m moco_tf.convert.torch_moco --checkpoint=moco_v2_800ep_pretrain.pth.tar \\
       --out=runs/moco_v2_800ep/export [--arch=resnet50] [--projector] [--image_size=224]
 
-PyTorch is an optional dependency (`pip install -r requirements-convert.txt`), imported only
-when a checkpoint is read.
+PyTorch is an optional dependency (the `convert` extra: `pip install "moco-tf[convert]"`),
+imported only when a checkpoint is read.
 """
 from __future__ import annotations
 
@@ -52,7 +52,9 @@ ENCODER_PREFIXES = ("module.encoder_q.", "module.base_encoder.", "encoder_q.", "
                     "module.", "")
 PROJECTOR_FILE = "projector.keras"
 INFO_FILE = "conversion.json"
-INSTALL_HINT = "pip install -r requirements-convert.txt"
+INSTALL_HINT = ('pip install "moco-tf[convert]" (from a checkout: pip install -e ".[convert]"; '
+                "on Linux add --extra-index-url https://download.pytorch.org/whl/cpu for the "
+                "CPU build)")
 _VIT_MARKERS = re.compile(r"(^|\.)(pos_embed|cls_token|patch_embed|blocks\.\d+)")
 _SHOWN = 10  # keys listed per category in a mismatch error
 # Keras variable name -> torch parameter name (per layer).

@@ -112,6 +112,21 @@ def images(data_cfg, split: str, shuffle_seed=None) -> tf.data.Dataset:
     return ds.map(lambda x, y: (convert_channels(x, channels), y))
 
 
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                         "Sneaker", "Bag", "Ankle boot")
+
+
+def class_names(data_cfg) -> list[str] | None:
+    """The name of each label, where the source knows them (None for synthetic data)."""
+    if data_cfg.source == "fashion_mnist":
+        return list(FASHION_MNIST_CLASSES)
+    if data_cfg.source == "image_folder":
+        return image_folder.class_names(data_cfg.data_dir) or None
+    if data_cfg.source == "tfds":
+        return tfds_source.class_names(data_cfg)
+    return None
+
+
 def num_examples(data_cfg, split: str) -> int:
     """Number of examples in ``split`` (cheap: IDX headers, a folder listing, tfds' info): the
     trainer's steps per epoch. Image folders: the readable files (bad ones left out)."""

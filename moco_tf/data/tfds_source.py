@@ -95,13 +95,24 @@ def num_examples(data_cfg, split: str) -> int:
     return int(b.info.splits[split].num_examples)
 
 
-def num_classes(data_cfg) -> int | None:
-    """Classes of the dataset's ``label`` feature; None if it has no labels."""
+def _label_feature(data_cfg):
     import tensorflow_datasets as tfds
 
     features = builder(data_cfg).info.features
     label = features["label"] if "label" in features.keys() else None
-    return int(label.num_classes) if isinstance(label, tfds.features.ClassLabel) else None
+    return label if isinstance(label, tfds.features.ClassLabel) else None
+
+
+def num_classes(data_cfg) -> int | None:
+    """Classes of the dataset's ``label`` feature; None if it has no labels."""
+    label = _label_feature(data_cfg)
+    return None if label is None else int(label.num_classes)
+
+
+def class_names(data_cfg) -> list[str] | None:
+    """The names of the ``label`` feature's classes (ImageNet: wnids), or None."""
+    label = _label_feature(data_cfg)
+    return None if label is None else list(label.names)
 
 
 def is_variable_size(data_cfg) -> bool:

@@ -1,4 +1,4 @@
-"""Weighted kNN monitor: the standard self-supervised evaluation without training.
+"""Weighted kNN: the standard self-supervised evaluation without training, and its monitor.
 
 As in the MoCo CIFAR demo and InstDisc (Wu et al. 2018): features of a labelled "memory bank"
 (the training set) and of the test set are L2-normalised, each test image takes its top-k
@@ -7,7 +7,7 @@ exp(sim / T). Defaults k=200, T=0.1 follow those references; k=20 comes from the
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Sequence, Tuple, Union
 
 import keras
 import numpy as np
@@ -67,14 +67,6 @@ def extract_features(
     if not feats:
         raise ValueError("extract_features: the dataset is empty.")
     return np.concatenate(feats, axis=0), np.concatenate(labels, axis=0)
-
-
-def pixel_features(dataset: tf.data.Dataset) -> Tuple[np.ndarray, np.ndarray]:
-    """Raw-pixel baseline: flattened, L2-normalised pixels as features (same kNN code path).
-
-    Returns `(features [N, H*W*C] float32, labels [N] int32)`.
-    """
-    return extract_features(lambda images: images, dataset)
 
 
 @tf.function(reduce_retracing=True)
@@ -186,7 +178,7 @@ def knn_accuracy(
 
 
 def evaluate_knn(
-    backbone: FeatureSource,
+    backbone: FeatureSource | None,
     bank_dataset: tf.data.Dataset,
     test_dataset: tf.data.Dataset,
     *,
@@ -194,11 +186,95 @@ def evaluate_knn(
     ks: Sequence[int] = (200, 20),
     temperature: float = 0.1,
 ) -> Dict[int, float]:
-    """Extracts bank and test features with `backbone` (the query backbone) and returns
-    `{k: top-1 accuracy}`."""
-    fn = _feature_function(backbone)
+    """Extracts bank and test features with `backbone` (the query backbone; None: the raw pixels,
+    the baseline learned features have to beat) and returns `{k: top-1 accuracy}`."""
+    fn = _feature_function(backbone if backbone is not None else (lambda images: images))
     bank_x, bank_y = extract_features(fn, bank_dataset)
     test_x, test_y = extract_features(fn, test_dataset)
     return knn_accuracy(
         bank_x, bank_y, test_x, test_y, num_classes=num_classes, ks=ks, temperature=temperature
     )
+
+
+class KNNMonitor(keras.callbacks.Callback):
+    """Weighted kNN top-1 of the query backbone, every N epochs and at the last epoch.
+
+    Place it before other callbacks that read the logs (TensorBoard, CSVLogger, checkpoints on
+    `knn_top1`): it writes into the shared epoch `logs` dict, and Keras' own History and progress
+    bar run after all user callbacks, so they see the values too.
+
+    Logs: `knn_top1` for `ks[0]` and `knn_top1_k{k}` for the other ks (accuracies in [0, 1]).
+    `self.history` is a list of `(epoch, {k: accuracy})` with 1-based epochs, as the progress bar
+    counts them.
+
+    Args:
+      bank_dataset: labelled memory bank (usually the un-augmented training set), yielding
+        `(images float32 [B, H, W, C] in [0, 1], labels int [B])`.
+      test_dataset: the evaluation set, same format.
+      num_classes: number of classes.
+      every_n_epochs: evaluate when `epoch % every_n_epochs == 0` (1-based) and at the last epoch.
+      ks: neighbour counts, all computed in one pass; `ks[0]` is the headline `knn_top1`.
+      temperature: vote temperature (0.1 as in InstDisc / the MoCo CIFAR demo).
+      verbose: print one line per evaluation.
+    """
+
+    def __init__(
+        self,
+        bank_dataset: tf.data.Dataset,
+        test_dataset: tf.data.Dataset,
+        num_classes: int,
+        every_n_epochs: int = 1,
+        ks: Sequence[int] = (200, 20),
+        temperature: float = 0.1,
+        verbose: int = 1,
+    ):
+        super().__init__()
+        if every_n_epochs < 1:
+            raise ValueError(f"KNNMonitor: every_n_epochs must be >= 1, got {every_n_epochs}.")
+        if not ks:
+            raise ValueError("KNNMonitor: ks must name at least one k.")
+        self.bank_dataset = bank_dataset
+        self.test_dataset = test_dataset
+        self.num_classes = int(num_classes)
+        self.every_n_epochs = int(every_n_epochs)
+        self.ks = tuple(int(k) for k in ks)
+        self.temperature = float(temperature)
+        self.verbose = verbose
+        self.history: List[Tuple[int, Dict[int, float]]] = []
+        self._features = None
+
+    def on_train_begin(self, logs=None):
+        # Evaluate the *query* backbone (the one being trained), not the momentum copy.
+        backbone = getattr(self.model, "backbone", None)
+        if backbone is None:
+            raise AttributeError(
+                "KNNMonitor: the model has no `backbone` attribute "
+                "(the query backbone to evaluate)."
+            )
+        # Traced once per fit, reused every evaluation.
+        self._features = _feature_function(backbone)
+
+    def _should_evaluate(self, epoch: int) -> bool:
+        last = self.params.get("epochs") if self.params else None
+        return epoch % self.every_n_epochs == 0 or (last is not None and epoch == last)
+
+    def evaluate(self) -> Dict[int, float]:
+        """kNN top-1 for every k with the current weights."""
+        if self._features is None:
+            self._features = _feature_function(self.model.backbone)
+        return evaluate_knn(self._features, self.bank_dataset, self.test_dataset,
+                            num_classes=self.num_classes, ks=self.ks,
+                            temperature=self.temperature)
+
+    def on_epoch_end(self, epoch, logs=None):
+        epoch = epoch + 1  # Keras passes 0-based epochs; report them as the progress bar does.
+        if not self._should_evaluate(epoch):
+            return
+        accuracies = self.evaluate()
+        self.history.append((epoch, accuracies))
+        if logs is not None:
+            for i, k in enumerate(self.ks):
+                logs["knn_top1" if i == 0 else f"knn_top1_k{k}"] = accuracies[k]
+        if self.verbose:
+            parts = ", ".join(f"k={k}: {100 * accuracies[k]:.2f}%" for k in self.ks)
+            print(f"Epoch {epoch}: kNN top-1 {parts}")

@@ -107,7 +107,10 @@ class MoCo(keras.Model):
         return [self.loss_tracker, self.top1_tracker]
 
     def call(self, images, training=False):
-        """Query-backbone features [B, D] of images [B, H, W, C]."""
+        """Query-backbone features [B, D] of images [B, H, W, C]: float in [0, 1], or uint8
+        (scaled by 1/255 here, as the input pipeline does)."""
+        if images.dtype == tf.uint8:
+            images = tf.cast(images, tf.float32) / 255.0
         return self.backbone(images, training=training)
 
     def query(self, features):

@@ -76,26 +76,33 @@ class KeyEncoder(keras.layers.Layer):
     def __init__(self, backbone, projector, scope="full", seed=0, **kwargs):
         super().__init__(**kwargs)
         self.scope, self.seed = scope, int(seed)
-        self.trunk = None
+        trunk = head = None
         query_parts, self.backbone, self.projector = [], None, None
         if scope == "full":
             self.backbone = _clone(backbone, "key_backbone")
             query_parts = [backbone, projector]
         elif scope.startswith("from:"):
-            self.trunk, self._online_head = split_at(backbone, scope[len("from:"):])
+            trunk, head = split_at(backbone, scope[len("from:"):])
             self.backbone = split_at(_clone(backbone, "key_backbone"), scope[len("from:"):])[1]
-            query_parts = [self._online_head, projector]
+            query_parts = [head, projector]
         elif scope == "projector":
             query_parts = [projector]
         if scope != "none":
             self.projector = _clone(projector, "key_projector")
         key_parts = [m for m in (self.backbone, self.projector) if m is not None]
-        # Pairs taken before freezing: both lists are in the same (architecture) order.
-        self.targets = [v for m in key_parts for v in m.trainable_weights]
-        self.sources = [v for m in query_parts for v in m.trainable_weights]
+        # Pairs taken before freezing: both lists are in the same (architecture) order. The
+        # online parts and the pairs are the query encoder's: held where Keras does not track
+        # (or save, or checkpoint) them a second time.
+        self._online = _Untracked(
+            projector=projector, trunk=trunk, head=head,
+            targets=[v for m in key_parts for v in m.trainable_weights],
+            sources=[v for m in query_parts for v in m.trainable_weights])
         for m in key_parts:
             _freeze_variables(m)
-        self._online_projector = projector
+
+    trunk = property(lambda self: self._online.trunk)
+    targets = property(lambda self: self._online.targets)
+    sources = property(lambda self: self._online.sources)
 
     @property
     def shares_backbone(self):
@@ -108,7 +115,7 @@ class KeyEncoder(keras.layers.Layer):
         if self.trunk is None:
             return backbone(images, training=True), None
         cut = self.trunk(images, training=True)
-        return self._online_head(cut, training=True), cut
+        return self._online.head(cut, training=True), cut
 
     def keys(self, images, features, cut, step, view=0):
         """L2-normalised keys k [B, dim] of `images`, float32.
@@ -118,7 +125,7 @@ class KeyEncoder(keras.layers.Layer):
         with scope `none`, where the key encoder is the online encoder.
         """
         if self.scope == "none":
-            return _normalize(self._online_projector(features, training=True))
+            return _normalize(self._online.projector(features, training=True))
         if self.scope == "projector":
             out = self.projector(tf.stop_gradient(features), training=True)
         else:
@@ -135,6 +142,13 @@ class KeyEncoder(keras.layers.Layer):
     def update(self, momentum):
         """The momentum update: theta_k <- m * theta_k + (1 - m) * theta_q."""
         ema_update(self.targets, self.sources, momentum)
+
+
+class _Untracked:
+    """Attributes Keras leaves alone (not a Layer, Variable, list or dict)."""
+
+    def __init__(self, **attributes):
+        self.__dict__.update(attributes)
 
 
 def _normalize(x):

@@ -1,0 +1,112 @@
+"""Train MoCo from a config: `python train.py --config=configs/moco_v2.py --workdir=runs/v2`
+(from a checkout) or `moco-tf-train --config=moco_v2 --workdir=runs/v2` (installed).
+
+Override any config value on the command line, e.g. `--config.train.batch_size=128`; pick a config
+variant after a colon, e.g. `--config=configs/fashion_mnist.py:smoke`. `--config=NAME` without a
+file of that name takes the bundled `configs/NAME.py`. Train on all local GPUs with
+`--config.train.strategy=mirrored` (multi_worker: several hosts via TF_CONFIG; tpu: a TPU VM).
+Log detail: absl's `--verbosity` (default: INFO from moco_tf, WARNING from TensorFlow).
+"""
+
+import os
+import re
+import sys
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where logs, checkpoints, results and exports go.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _fail(kind, error, status):
+    print(f"{kind}: {error}", file=sys.stderr)
+    sys.exit(status)
+
+
+def _unknown_override(error, argv):
+    """ml_collections' error for `--config.a.b_typo=1` in validate()'s words."""
+    names = re.findall(r"[\"']([\w.]+)\\?[\"']", error)  # the bad key, then the suggestion
+    key = names[0] if names else "?"
+    path = next((a[len("--config."):].split("=")[0] for a in argv
+                 if a.startswith("--config.") and key in a.split("=")[0].split(".")), key)
+    parent = path.rsplit(".", 1)[0] + "." if "." in path else ""
+    hint = f" Did you mean '{parent}{names[1]}'?" if len(names) > 1 else ""
+    return f"Unknown config key '{path}'.{hint}"
+
+
+def _parse_flags(argv):
+    """absl's flag parsing; a mistyped or ill-typed `--config.*` override becomes one
+    "Config error" line and exit status 2, like a mistake inside the config file."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        message = str(e)
+    except AttributeError as e:  # ml_collections: an override of a key the config does not have
+        message = _unknown_override(str(e), argv)
+    _fail("Config error", " ".join(message.split()), 2)
+
+
+def main(argv):
+    del argv
+    from moco_tf import config as config_lib  # no TensorFlow yet: config mistakes show at once
+
+    try:
+        config_lib.validate(_CONFIG.value)
+    except config_lib.ConfigError as e:
+        _fail("Config error", e, 2)
+    from moco_tf import train_lib
+
+    if not any(a.startswith(("--verbosity", "-v=", "--v=")) for a in sys.argv[1:]):
+        logging.set_verbosity(logging.INFO)  # moco_tf's progress lines by default
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("WARNING")  # TF's own INFO lines (checkpoint sharding) are noise
+    try:
+        _, results = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except config_lib.ConfigError as e:  # checks that need TensorFlow (devices, replicas)
+        _fail("Config error", e, 2)
+    except config_lib.DataError as e:  # the data given cannot be used: fix it, like a config
+        _fail("Data error", e, 2)
+    except train_lib.CLEAR_ERRORS as e:  # NaN, full disk, workdir in use, out of memory
+        _fail("Error", e, 1)
+    summary = ", ".join(
+        f"{k}={results[k] if results[k] is not None else 'n/a'}"
+        for k in ("knn_top1", "knn_top1_k20", "images_per_sec") if k in results
+    )
+    print(f"Done. {summary}. Results: {os.path.join(_WORKDIR.value, 'results.json')}")
+    if "export_dir" in results:
+        print(f"Exported query backbone: {results['export_dir']}")
+
+
+def bundled_config(argv):
+    """argv with `--config=NAME[:variant]` pointing at the bundled configs/NAME.py when NAME is
+    not a file: an installed moco_tf has no checkout to give a path into."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--config="):
+            path, colon, variant = arg[len("--config="):].partition(":")
+            if not os.path.exists(path):
+                import configs
+
+                name = os.path.basename(path)
+                name = name if name.endswith(".py") else name + ".py"
+                candidate = os.path.join(os.path.dirname(configs.__file__), name)
+                if os.path.exists(candidate):
+                    arg = f"--config={candidate}{colon}{variant}"
+        out.append(arg)
+    return out
+
+
+def run():
+    """The `moco-tf-train` entry point (and `python train.py`)."""
+    sys.argv = bundled_config(sys.argv)
+    app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    run()
