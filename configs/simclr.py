@@ -29,6 +29,8 @@ def get_config(variant=""):
     c.train.base_learning_rate = 0.3
     c.train.weight_decay = 1e-6
     c.train.warmup_epochs = 10
-    if variant != "runlocal":
+    if variant == "runlocal":
+        c.train.warmup_epochs = 0  # one short epoch
+    else:
         c.train.batch_size = 4096
     return c

@@ -71,9 +71,19 @@ class Checkpointer:
         if getattr(model, "optimizer", None) is not None:
             objects["optimizer"] = model.optimizer
         self.checkpoint = tf.train.Checkpoint(**objects)
-        self.manager = tf.train.CheckpointManager(
-            self.checkpoint, directory, max_to_keep=max_to_keep, checkpoint_name=_PREFIX
-        )
+        # `candidates` also finds checkpoints by their .index files: a damaged `checkpoint`
+        # state file must not block a resume. TF only warns about most damage, but refuses
+        # some (an empty file): that one is moved aside.
+        try:
+            self.manager = tf.train.CheckpointManager(
+                self.checkpoint, directory, max_to_keep=max_to_keep, checkpoint_name=_PREFIX)
+        except ValueError as e:  # "Invalid checkpoint state loaded from ..."
+            state = os.path.join(directory, "checkpoint")
+            os.replace(state, state + ".damaged")
+            logging.warning("The checkpoint state file %s is damaged (%s); moved it to %s.",
+                            state, workdir_lib.first_line(e), state + ".damaged")
+            self.manager = tf.train.CheckpointManager(
+                self.checkpoint, directory, max_to_keep=max_to_keep, checkpoint_name=_PREFIX)
 
     # --- saving ---------------------------------------------------------------------------
 
@@ -140,6 +150,12 @@ class Checkpointer:
             if problem is None:
                 try:
                     status = self.checkpoint.restore(prefix)
+                except (ValueError, tf.errors.InvalidArgumentError) as e:
+                    # Readable, but its tensors have other shapes: another model, not damage.
+                    raise CheckpointError(
+                        f"{prefix} does not match this model "
+                        f"({workdir_lib.first_line(e)[:300]}); was it written with another "
+                        f"config (backbone, width, queue size)? Use another --workdir.") from None
                 except tf.errors.OpError as e:
                     problem = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
             if problem is not None:

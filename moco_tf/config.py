@@ -6,6 +6,7 @@ any model is built; `train.py` prints it and exits with status 2.
 """
 
 import difflib
+import math
 import os
 
 import ml_collections
@@ -45,8 +46,7 @@ def defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.deterministic = False
-    # mixed_bfloat16 was 2.3x faster than float32 for a ResNet-18 (width 32) step on this CPU;
-    # the queue, logits, loss and EMA stay float32 either way.
+    # The queue, logits, loss and EMA stay float32 either way (docs/performance.md: speed).
     c.precision = "float32"  # float32 | mixed_bfloat16 | mixed_float16
 
     c.data = ml_collections.ConfigDict()
@@ -88,7 +88,8 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.std = (0.3530,)
 
     c.model = ml_collections.ConfigDict()
-    c.model.backbone = "resnet18"  # resnet18 | resnet50 | small_cnn
+    c.model.backbone = "resnet18"  # resnet18 | resnet50 | small_cnn | vit_small | vit_base | vit_tiny
+    c.model.patch_size = 16  # ViTs: patch side in pixels
     c.model.cifar_stem = True  # 3x3 stride-1 conv1, no max-pool: for 28-32 px images
     c.model.width = 64  # ResNet channels of conv1/layer1 (64 = torchvision); 32 is ~4x cheaper
     c.model.norm = "split_bn"  # bn | split_bn (shuffle-BN emulation on one device) | sync_bn
@@ -122,12 +123,12 @@ def defaults() -> ml_collections.ConfigDict:
     c.train.lr_schedule = "cosine"  # cosine | step | constant
     c.train.lr_decay_epochs = (120, 160)  # step schedule: x0.1 at these epochs
     c.train.warmup_epochs = 0
-    c.train.optimizer = "sgd"  # sgd | lars (MoCo v3)
+    c.train.optimizer = "sgd"  # sgd (MoCo v1/v2) | lars (MoCo v3 ResNet) | adamw (MoCo v3 ViT)
     c.train.optimizer_momentum = 0.9  # heavy-ball momentum of SGD and LARS (PyTorch's rule)
     c.train.weight_decay = 1e-4  # L2 added to the gradient (PyTorch's weight_decay)
     c.train.steps_per_execution = 1
-    # XLA: 2.3-4x slower than graph mode for the quickstart step on this CPU (65 vs 152 img/s
-    # float32, 50-68 vs 200 bf16; README). Not with several replicas: keras#19005.
+    # XLA: measure before using it (slower than graph mode on CPUs, docs/distributed.md); not
+    # with several replicas of a MirroredStrategy (keras#19005).
     c.train.jit_compile = False
     # default (one device) | mirrored (local GPUs) | multi_worker (TF_CONFIG) | tpu (TPU VM);
     # train.batch_size stays the global batch, split evenly over the replicas.
@@ -156,12 +157,13 @@ _CHOICES = {
     "data.source": ("fashion_mnist", "tfds", "image_folder", "synthetic"),
     "data.augmentation": ("moco_v1", "moco_v2", "moco_v3"),
     "data.augment_on": ("host", "device"),
-    "model.backbone": ("resnet18", "resnet50", "small_cnn"),
+    "model.backbone": ("resnet18", "resnet34", "resnet50", "small_cnn", "vit_tiny", "vit_small",
+                       "vit_base"),
     "model.norm": ("bn", "split_bn", "sync_bn"),
     "model.projector": ("linear", "mlp"),
     "moco.momentum_schedule": ("constant", "cosine"),
     "moco.negatives": ("queue", "batch", "both_views"),
-    "train.optimizer": ("sgd", "lars"),
+    "train.optimizer": ("sgd", "lars", "adamw"),
     "train.strategy": ("default", "mirrored", "multi_worker", "tpu"),
     "train.lr_schedule": ("cosine", "step", "constant"),
     "data.on_bad_image": ("skip", "error"),
@@ -219,9 +221,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         if key in given and given[key] not in choices:
             raise ConfigError(f"'{key}' is {given[key]!r}; choose one of {', '.join(choices)}.")
 
+    _check_ranges(config)
     t, m = config.train, config.moco
-    if t.batch_size <= 0 or t.epochs <= 0:
-        raise ConfigError("'train.batch_size' and 'train.epochs' must be positive.")
     if t.checkpoint_every_steps < 0 or t.keep_checkpoints < 1:
         raise ConfigError(
             "'train.checkpoint_every_steps' must be >= 0 (0 = at epoch ends only) and "
@@ -237,10 +238,6 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         check_method(m.momentum_scope, m.negatives, m.symmetric)
     except ValueError as e:
         raise ConfigError(f"moco: {e}") from None
-    if not m.temperature > 0:
-        raise ConfigError(f"'moco.temperature' must be > 0, got {m.temperature}.")
-    if not 0.0 <= m.momentum <= 1.0:
-        raise ConfigError(f"'moco.momentum' must be in [0, 1], got {m.momentum}.")
     if config.model.norm == "split_bn" and t.batch_size % config.model.split_bn_groups:
         raise ConfigError(
             f"'train.batch_size' ({t.batch_size}) must be divisible by "
@@ -262,6 +259,79 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"of {d.source} '{d.train_split}')."
         )
     return config
+
+
+# key -> (lowest, highest, whether the lowest is allowed); every number must be finite.
+_RANGES = {
+    "train.batch_size": (1, None, True),
+    "train.epochs": (1, None, True),
+    "train.steps_per_epoch": (1, None, True),
+    "train.base_learning_rate": (0, None, False),
+    "train.weight_decay": (0, None, True),
+    "train.optimizer_momentum": (0, 1, True),
+    "train.warmup_epochs": (0, None, True),
+    "train.steps_per_execution": (1, None, True),
+    "train.summary_every_steps": (1, None, True),
+    "moco.temperature": (0, None, False),
+    "moco.momentum": (0, 1, True),
+    "moco.loss_scale": (0, None, False),
+    "moco.dim": (1, None, True),
+    "moco.queue_size": (1, None, True),
+    "model.width": (1, None, True),
+    "model.split_bn_groups": (1, None, True),
+    "model.projector_hidden_dim": (0, None, True),
+    "model.predictor_hidden_dim": (0, None, True),
+    "model.projector_layers": (1, None, True),
+    "model.patch_size": (1, None, True),
+    "data.image_size": (8, None, True),
+    "data.num_classes": (1, None, True),
+    "data.shuffle_buffer": (1, None, True),
+    "data.synthetic_examples": (1, None, True),
+    "eval.knn_every_epochs": (0, None, True),
+    "eval.batch_size": (1, None, True),
+    "eval.knn_temperature": (0, None, False),
+}
+
+
+def _check_ranges(config):
+    """Every number finite and in its range; crop scale, channels, ks, std sensible."""
+    flat = _flatten(config)
+    for key, (low, high, low_ok) in _RANGES.items():
+        value = flat.get(key)
+        if value is None:
+            continue
+        bound = f">= {low}" if low_ok else f"> {low}"
+        if high is not None:
+            bound += f" and <= {high}"
+        if (not math.isfinite(value) or value < low or (value == low and not low_ok)
+                or (high is not None and value > high)):
+            raise ConfigError(f"'{key}' must be {bound}, got {value}.")
+    d, t = config.data, config.train
+    if d.channels not in (1, 3):
+        raise ConfigError(f"'data.channels' must be 1 (gray) or 3 (RGB), got {d.channels}.")
+    lo, hi = (tuple(d.crop_scale) + (None, None))[:2]
+    if len(d.crop_scale) != 2 or not (0 < lo <= hi <= 1):
+        raise ConfigError(f"'data.crop_scale' must be (low, high) with 0 < low <= high <= 1 (a "
+                          f"fraction of the image area), got {tuple(d.crop_scale)}.")
+    if any(not s > 0 or not math.isfinite(s) for s in d.std):
+        raise ConfigError(f"'data.std' must be positive, got {tuple(d.std)}.")
+    if not config.eval.knn_ks or any(k < 1 for k in config.eval.knn_ks):
+        raise ConfigError(f"'eval.knn_ks' must be neighbour counts >= 1, got "
+                          f"{tuple(config.eval.knn_ks)}.")
+    if t.warmup_epochs >= t.epochs and t.warmup_epochs:
+        raise ConfigError(f"'train.warmup_epochs' ({t.warmup_epochs}) must be fewer than "
+                          f"'train.epochs' ({t.epochs}): the lr would never leave the warm-up.")
+    if config.model.backbone.startswith("vit") and d.image_size % config.model.patch_size:
+        raise ConfigError(f"'data.image_size' ({d.image_size}) must be a multiple of "
+                          f"'model.patch_size' ({config.model.patch_size}) for a ViT.")
+    if (config.model.backbone.startswith("resnet") and not config.model.cifar_stem
+            and d.image_size < 32):
+        raise ConfigError(f"'data.image_size' ({d.image_size}) is too small for an ImageNet "
+                          f"ResNet stem (5 halvings: >= 32); set model.cifar_stem=True for "
+                          f"small images.")
+    if config.model.projector == "mlp" and config.model.projector_layers < 2:
+        raise ConfigError("'model.projector_layers' must be >= 2 for an MLP projector (1 is "
+                          "model.projector='linear').")
 
 
 _FASHION_MNIST_SIZES = {"train": 60000, "test": 10000}

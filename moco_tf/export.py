@@ -38,13 +38,28 @@ def export_backbone(backbone: keras.Model, export_dir: str, *, image_shape: Sequ
     os.makedirs(export_dir, exist_ok=True)
     backbone = plain_keras(backbone)
 
+    expected = f"a batch of images [N, {image_shape[0]}, {image_shape[1]}, {image_shape[2]}]"
+
+    def checked(images):
+        # A signature's input spec is not always enforced at run time: a wrong size would
+        # silently give features, an unbatched image would abort the process. The check must
+        # not use the rank, which TF folds from the spec: [N, H, W, C] padded to five entries
+        # with zeros must read [N, H, W, C, 0].
+        shape = tf.shape(images)
+        padded = tf.concat([shape, tf.zeros([5], tf.int32)], 0)[:5]
+        ok = tf.reduce_all(tf.equal(padded[1:], tf.constant([*image_shape, 0])))
+        with tf.control_dependencies([tf.debugging.Assert(ok, [
+                f"The export takes {expected} (resize the images; an unbatched image needs a "
+                f"batch axis); got shape:", shape])]):
+            return tf.identity(images)
+
     def features_from_float(images):
         # Inference mode: BN moving statistics; a float32 output even under mixed precision.
-        return {"features": tf.cast(backbone(images, training=False), tf.float32)}
+        return {"features": tf.cast(backbone(checked(images), training=False), tf.float32)}
 
     def serving_default(images):
         # Serving clients send raw bytes; scale exactly as the training pipeline does.
-        return features_from_float(tf.cast(images, tf.float32) / 255.0)
+        return features_from_float(tf.cast(checked(images), tf.float32) / 255.0)
 
     archive = keras.export.ExportArchive()
     archive.track(backbone)

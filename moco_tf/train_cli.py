@@ -43,12 +43,34 @@ def _parse_flags(argv):
     """absl's flag parsing; a mistyped or ill-typed `--config.*` override becomes one
     "Config error" line and exit status 2, like a mistake inside the config file."""
     try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        message = str(e)
+        parsed = flags.FLAGS(argv)
+        problem = _config_file_problem(argv)  # ml_collections reports a missing file lazily
+        if problem is None:
+            return parsed
+        message = problem
     except AttributeError as e:  # ml_collections: an override of a key the config does not have
         message = _unknown_override(str(e), argv)
+    except (flags.Error, OSError, SyntaxError) as e:  # incl. a config file that cannot load
+        message = _config_file_problem(argv) or str(e)
+        if "Traceback (most recent call last)" in message:  # keep the error, not the wall
+            message = message.strip().splitlines()[-1]
     _fail("Config error", " ".join(message.split()), 2)
+
+
+def _config_file_problem(argv):
+    """One sentence on why `--config=FILE` cannot load (missing file, syntax error), or None."""
+    arg = next((a for a in argv if a.startswith("--config=")), None)
+    if arg is None:
+        return None
+    path = arg[len("--config="):].partition(":")[0]
+    if not os.path.isfile(path):
+        return (f"the config file {path} does not exist (give a path such as "
+                f"configs/fashion_mnist.py, or the name of a bundled config).")
+    try:
+        compile(open(path).read(), path, "exec")
+    except SyntaxError as e:
+        return f"the config file {path} has a syntax error at line {e.lineno}: {e.msg}."
+    return None
 
 
 def main(argv):
@@ -59,7 +81,7 @@ def main(argv):
         config_lib.validate(_CONFIG.value)
     except config_lib.ConfigError as e:
         _fail("Config error", e, 2)
-    from moco_tf import train_lib
+    from moco_tf import errors, train_lib
 
     if not any(a.startswith(("--verbosity", "-v=", "--v=")) for a in sys.argv[1:]):
         logging.set_verbosity(logging.INFO)  # moco_tf's progress lines by default
@@ -72,8 +94,10 @@ def main(argv):
         _fail("Config error", e, 2)
     except config_lib.DataError as e:  # the data given cannot be used: fix it, like a config
         _fail("Data error", e, 2)
-    except train_lib.CLEAR_ERRORS as e:  # NaN, full disk, workdir in use, out of memory
+    except errors.CLEAR_ERRORS as e:  # NaN, full disk, workdir in use, out of memory
         _fail("Error", e, 1)
+    except errors.Interrupted as e:  # Ctrl-C: saved, and how to resume
+        _fail("Interrupted", e, 130)
     summary = ", ".join(
         f"{k}={results[k] if results[k] is not None else 'n/a'}"
         for k in ("knn_top1", "knn_top1_k20", "images_per_sec") if k in results

@@ -5,6 +5,7 @@
 
 import contextlib
 import json
+import math
 import os
 import time
 
@@ -17,7 +18,7 @@ from moco_tf import callbacks as callbacks_lib
 from moco_tf import checkpoint as checkpoint_lib
 from moco_tf import config as config_lib
 from moco_tf import data as data_lib
-from moco_tf import distribute
+from moco_tf import distribute, errors
 from moco_tf import export as export_lib
 from moco_tf import momentum as momentum_lib
 from moco_tf import workdir as workdir_lib
@@ -68,6 +69,7 @@ def build_model(config, total_steps=1, epoch_steps=1) -> MoCo:
     backbone = backbones.build_backbone(
         m.backbone, (d.image_size, d.image_size, d.channels), cifar_stem=m.cifar_stem,
         norm=m.norm, split_bn_groups=m.split_bn_groups, mean=d.mean, std=d.std, width=m.width,
+        patch_size=m.patch_size,
     )
     feature_dim = backbone.output_shape[-1]
     head_norm = {"norm": m.norm, "split_bn_groups": m.split_bn_groups}
@@ -89,9 +91,13 @@ def build_model(config, total_steps=1, epoch_steps=1) -> MoCo:
                    if d.augment_on == "device" else None),
     )
     t = config.train
-    optimizer_class = {"sgd": SGD, "lars": LARS}[t.optimizer]  # both: PyTorch's update rules
-    optimizer = optimizer_class(learning_rate(config, total_steps, epoch_steps),
-                                momentum=t.optimizer_momentum, weight_decay=t.weight_decay)
+    lr = learning_rate(config, total_steps, epoch_steps)
+    if t.optimizer == "adamw":  # torch.optim.AdamW's defaults (Keras' epsilon is 1e-7)
+        optimizer = keras.optimizers.AdamW(lr, weight_decay=t.weight_decay, beta_1=0.9,
+                                           beta_2=0.999, epsilon=1e-8)
+    else:  # both with PyTorch's update rules
+        optimizer = {"sgd": SGD, "lars": LARS}[t.optimizer](
+            lr, momentum=t.optimizer_momentum, weight_decay=t.weight_decay)
     model.compile(
         optimizer=optimizer, steps_per_execution=config.train.steps_per_execution,
         jit_compile=config.train.jit_compile,
@@ -188,48 +194,6 @@ def _loss_per_epoch(step_log_path, epoch_steps, epochs):
     return [float(np.mean(x)) if x else None for x in losses]
 
 
-class OutOfMemoryError(RuntimeError):
-    """TensorFlow ran out of memory; the message names the config values to turn down."""
-
-
-# Failures whose message says what to do: train.py prints them as one line, without a traceback.
-CLEAR_ERRORS = (config_lib.DataError, workdir_lib.WorkdirError, checkpoint_lib.CheckpointError,
-                callbacks_lib.NonFiniteError, OutOfMemoryError)
-
-
-def _oom_hint(config) -> str:
-    t, d = config.train, config.data
-    return (
-        f"Turn down train.batch_size (now {t.batch_size}; keep moco.queue_size a multiple of it), "
-        f"data.image_size (now {d.image_size}), moco.queue_size (now {config.moco.queue_size}), "
-        f"model.width (now {config.model.width}) or eval.batch_size (now "
-        f"{config.eval.batch_size}, the kNN monitor), or set precision=mixed_bfloat16 "
-        f"(mixed_float16 on GPUs; now {config.precision}) to halve the activations."
-    )
-
-
-@contextlib.contextmanager
-def _explained_failures(config):
-    """Re-raises the failures a user can fix (out of memory, full disk, a bad image with
-    data.on_bad_image=error) as one of `CLEAR_ERRORS`, with a message that says how."""
-    try:
-        yield
-    except (tf.errors.ResourceExhaustedError, MemoryError, OSError) as e:
-        first = workdir_lib.first_line(e)
-        if workdir_lib.is_disk_full(e):  # TF reports a full disk as ResourceExhausted too
-            raise workdir_lib.WorkdirError(
-                f"A write to the disk failed ({first}). Free some space and rerun the same "
-                f"command: training resumes from the last checkpoint.") from e
-        if isinstance(e, OSError):
-            raise
-        raise OutOfMemoryError(f"Out of memory ({first}). {_oom_hint(config)}") from e
-    except tf.errors.InvalidArgumentError as e:
-        message = datasets.data_error_in(e.message)
-        if message is None:
-            raise
-        raise config_lib.DataError(message) from e
-
-
 def train_and_evaluate(config, workdir, callbacks=()):
     """Trains MoCo, evaluates kNN on the query backbone, exports it.
 
@@ -251,11 +215,11 @@ def train_and_evaluate(config, workdir, callbacks=()):
     """
     config_lib.validate(config)
     datasets.check(config)
-    with contextlib.ExitStack() as cleanup, _explained_failures(config):
+    with contextlib.ExitStack() as cleanup, errors.explained_failures(config):
         return _train_and_evaluate(config, workdir, callbacks, cleanup)
 
 
-def _train_and_evaluate(config, workdir, callbacks, cleanup):
+def _train_and_evaluate(config, workdir, extra_callbacks, cleanup):
     """The body of `train_and_evaluate`; `cleanup` (an ExitStack) releases the workdir lock."""
     # The strategy first: a multi-worker one must exist before TensorFlow runs anything.
     strategy = distribute.create_strategy(config.train.strategy)
@@ -294,8 +258,14 @@ def _train_and_evaluate(config, workdir, callbacks, cleanup):
         os.remove(step_log)  # a fresh run: the log of an earlier one would be mixed in
 
     throughput = _Throughput(batch)
-    extra_callbacks = list(callbacks)
-    callbacks = [throughput, momentum_schedule(config, total_steps)]
+    nan_guard = callbacks_lib.NonFiniteGuard(config.train.get("on_nan", "stop"), checkpointer)
+    # Order matters: the step log, then the NaN/inf guard, then the checkpoint — every
+    # checkpointed step is logged and finite — and only then evaluation: a failure in it can
+    # never cost the epoch's checkpoint.
+    callbacks = [throughput, momentum_schedule(config, total_steps),
+                 callbacks_lib.StepLog(step_log), nan_guard,
+                 callbacks_lib.PeriodicCheckpoint(checkpointer,
+                                                  config.train.checkpoint_every_steps, epoch_steps)]
     monitor = None
     if config.eval.knn_every_epochs:
         bank = data_lib.eval_dataset(config.data, config.data.train_split, config.eval.batch_size)
@@ -303,25 +273,21 @@ def _train_and_evaluate(config, workdir, callbacks, cleanup):
         monitor = knn.KNNMonitor(
             bank, test, config.data.num_classes, every_n_epochs=config.eval.knn_every_epochs,
             ks=tuple(config.eval.knn_ks), temperature=config.eval.knn_temperature,
+            stop_on_error=False,
         )
         callbacks.append(monitor)
-    callbacks += extra_callbacks
-    if config.train.verbose == 1:
-        callbacks.append(callbacks_lib.ProgressBar())
+    callbacks += list(extra_callbacks)
     sample = next(iter(data_lib.train_dataset(config.data, min(batch, 8), config.seed)))
     callbacks.append(callbacks_lib.TrainingSummaries(
         os.path.join(workdir, "tensorboard"), config.train.summary_every_steps,
         hparams=config_lib.hparams(config), sample_views=sample))
-    # The step log before the checkpoint: every checkpointed step is already logged.
-    callbacks.append(callbacks_lib.StepLog(step_log))
-    # NaN/inf: stop or count skipped steps, before a checkpoint of the step could be written.
-    nan_guard = callbacks_lib.NonFiniteGuard(config.train.get("on_nan", "stop"), checkpointer)
-    callbacks.append(nan_guard)
-    callbacks.append(callbacks_lib.PeriodicCheckpoint(
-        checkpointer, config.train.checkpoint_every_steps, epoch_steps
-    ))
+    if config.train.verbose:  # last: it shows what the others put in the logs (kNN)
+        callbacks.append(callbacks_lib.ProgressBar())
 
-    _fit_from(model, config, start_step, epoch_steps, callbacks)
+    try:
+        _fit_from(model, config, start_step, epoch_steps, callbacks)
+    except KeyboardInterrupt:
+        raise errors.Interrupted(_save_on_interrupt(model, checkpointer, epoch_steps, total_steps)) from None
 
     loss_per_epoch = _loss_per_epoch(step_log, epoch_steps, config.train.epochs)
     results = {
@@ -340,12 +306,15 @@ def _train_and_evaluate(config, workdir, callbacks, cleanup):
         results["skipped_images"] = len(image_folder.skipped_files(config.data.data_dir))
     if monitor is not None:
         ks = tuple(config.eval.knn_ks)
-        if not monitor.history:  # nothing left to train: evaluate the restored weights
-            monitor.set_model(model)
-            monitor.history.append((config.train.epochs, monitor.evaluate()))
-        last = monitor.history[-1][1]
-        results["knn_top1"] = float(last[ks[0]])
-        results.update({f"knn_top1_k{k}": float(last[k]) for k in ks[1:]})
+        if not monitor.history and not monitor.errors:  # nothing left to train: evaluate the
+            monitor.set_model(model)                     # restored weights
+            monitor.record(config.train.epochs)
+        if monitor.history and monitor.history[-1][0] == config.train.epochs:
+            last = monitor.history[-1][1]
+            results["knn_top1"] = float(last[ks[0]])
+            results.update({f"knn_top1_k{k}": float(last[k]) for k in ks[1:]})
+        if monitor.errors:
+            results["knn_errors"] = [{"epoch": e, "error": m} for e, m in monitor.errors]
         results["knn_per_epoch"] = [
             {"epoch": e, **{f"k{k}": float(a) for k, a in accs.items()}} for e, accs in monitor.history
         ]
@@ -365,7 +334,40 @@ def _train_and_evaluate(config, workdir, callbacks, cleanup):
             os.path.join(workdir, "tensorboard", "projector"), max_examples=PROJECTOR_EXAMPLES,
             class_names=datasets.class_names(config.data),
         )
+    results = _json_safe(results)
     with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+        json.dump(results, f, indent=2, allow_nan=False)
     logging.info("Results: %s", json.dumps({k: v for k, v in results.items() if "per_epoch" not in k}))
+    if monitor is not None and "knn_top1" not in results:
+        raise errors.EvaluationError(
+            f"Trained, checkpointed{' and exported' if config.eval.export else ''}, but the final "
+            f"kNN evaluation failed ({monitor.errors[-1][1]}); results.json has the rest. Rerun "
+            f"the same command to evaluate again, or set eval.knn_every_epochs=0.")
     return model, results
+
+
+def _json_safe(value):
+    """results with NaN/inf as null: `json` would write bare NaN, which is not JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _save_on_interrupt(model, checkpointer, epoch_steps, total_steps) -> str:
+    """Ctrl-C: a checkpoint of the last finished step (steps are atomic: the interrupt lands
+    between them), and the message saying how to resume."""
+    step = int(model.optimizer.iterations.numpy())
+    bad = callbacks_lib.nonfinite_variables(model)
+    if bad:
+        return (f"Interrupted at step {step} of {total_steps}; not saved: {len(bad)} variables "
+                f"are not finite. Rerun the same command to resume from the last checkpoint.")
+    try:
+        path = checkpointer.save(step, step // epoch_steps)
+    except checkpoint_lib.CheckpointError as e:
+        return f"Interrupted at step {step} of {total_steps}; the checkpoint failed: {e}"
+    return (f"Interrupted at step {step} of {total_steps}; saved {path}. Rerun the same "
+            f"command to resume from there.")

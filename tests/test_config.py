@@ -90,8 +90,8 @@ def test_queue_size_must_be_a_multiple_of_the_batch():
     "key,value,message",
     [
         ("moco.temperature", 0.0, "must be > 0"),
-        ("moco.momentum", 1.5, r"must be in \[0, 1\]"),
-        ("model.backbone", "vgg", "choose one of resnet18, resnet50, small_cnn"),
+        ("moco.momentum", 1.5, r"must be >= 0 and <= 1, got 1.5"),
+        ("model.backbone", "vgg", "choose one of resnet18, resnet34, resnet50, small_cnn, vit_tiny"),
         ("train.epochs", "ten", "must be of type int"),
     ],
 )

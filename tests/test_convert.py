@@ -128,12 +128,31 @@ TORCH_SCRIPT = textwrap.dedent(
     r18.fc = nn.Linear(512, 1000)
     torch.save(r18.state_dict(), f"{out}/r18_plain.pth")
 
-    # A MoCo v3 ViT checkpoint (the keys that give it away).
-    vit = {"module.base_encoder.cls_token": torch.zeros(1, 1, 8),
-           "module.base_encoder.pos_embed": torch.zeros(1, 5, 8),
-           "module.base_encoder.patch_embed.proj.weight": torch.zeros(8, 3, 16, 16),
-           "module.base_encoder.blocks.0.attn.qkv.weight": torch.zeros(24, 8)}
-    torch.save({"epoch": 300, "arch": "vit_small", "state_dict": vit}, f"{out}/vit.pth.tar")
+    # A MoCo v3 ViT (moco-v3 vits.py on timm's VisionTransformer; tests/torch_vit.py), tiny:
+    # width 64, 2 blocks, 8 px patches of 32 px images; head = the 3-layer BN projector.
+    from torch_vit import vit_tiny
+    vit = vit_tiny()
+    with torch.no_grad():
+        for name, p in vit.named_parameters():
+            if p.requires_grad:  # everything but the fixed position embedding
+                p.copy_(torch.randn(p.shape, generator=g) * (0.5 if p.ndim > 1 else 0.2)
+                        + (1.0 if name.endswith("norm1.weight") or name.endswith("norm2.weight")
+                           or name == "norm.weight" else 0.0))
+    vit.head = nn.Sequential(nn.Linear(64, 32, bias=False), nn.BatchNorm1d(32), nn.ReLU(),
+                             nn.Linear(32, 32, bias=False), nn.BatchNorm1d(32), nn.ReLU(),
+                             nn.Linear(32, 16, bias=False), nn.BatchNorm1d(16, affine=False))
+    randomize_bn(vit.head, "none")
+    vit.eval()
+    x = images(32, 2)
+    def vit_run(f):
+        t = torch.from_numpy(x.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
+        with torch.no_grad():
+            return f((t - MEAN) / STD).numpy()
+    state = {**prefixed("module.base_encoder.", vit.state_dict()),
+             **prefixed("module.predictor.", mlp_v3(16, 32, 16).state_dict())}
+    save("vit_v3", {"epoch": 300, "arch": "vit_small", "state_dict": state}, x,
+         features=vit_run(vit.forward_features), projection=vit_run(vit),
+         pos_embed=vit.pos_embed.detach().numpy())
     """
 )
 
@@ -198,7 +217,7 @@ def test_moco_v3_layout_with_bn_projector(ckpt):
     # fc.0 (no bias) - BN - ReLU - fc.3 - BN without affine, all in inference mode.
     head = result["projector"]
     assert [type(layer).__name__ for layer in head.layers[1:]] == [
-        "Dense", "BatchNormalization", "ReLU", "Dense", "BatchNormalization"]
+        "Dense", "SplitBatchNorm", "ReLU", "Dense", "SplitBatchNorm"]
     projected = head(result["backbone"](images.astype(np.float32) / 255.0), training=False)
     assert np.abs(np.asarray(projected) - projection).max() <= TOLERANCE
 
@@ -273,9 +292,20 @@ def test_architecture_mismatch_lists_keys(ckpt):
     assert "The checkpoint holds a resnet50" in message
 
 
-def test_vit_checkpoint_is_refused(ckpt):
-    with pytest.raises(ConversionError, match="ViT not supported"):
-        convert(str(ckpt / "vit.pth.tar"), None)
+def test_moco_v3_vit_matches_the_timm_reference(ckpt):
+    from moco_tf.models.vit import sincos_position_embedding
+
+    images, features, projection = _refs(ckpt, "vit_v3")
+    result = convert(str(ckpt / "vit_v3.pth.tar"), None, image_size=32, projector=True)
+    assert result["info"]["arch"] == "vit_tiny" and result["info"]["layout"] == "moco_v3"
+    assert _max_error(result["backbone"], images, features) <= TOLERANCE
+    z = result["projector"](result["backbone"](images.astype(np.float32) / 255.0), training=False)
+    assert float(np.abs(np.asarray(z) - projection).max()) <= TOLERANCE
+    # Our fixed 2-D sin-cos embedding is moco-v3's, quirk included.
+    np.testing.assert_allclose(sincos_position_embedding(4, 4, 64),
+                               np.load(ckpt / "vit_v3.npz")["pos_embed"][0], atol=1e-6)
+    with pytest.raises(ConversionError, match="pass --image_size=32"):
+        convert(str(ckpt / "vit_v3.pth.tar"), None, image_size=64)
 
 
 def test_pickled_objects_need_allow_pickle(ckpt):

@@ -76,6 +76,7 @@ def small(config):
     config.moco.queue_size = 8
     config.train.batch_size = 4
     config.train.epochs = 1
+    config.train.warmup_epochs = 0
     config.train.steps_per_epoch = 2
     config.train.verbose = 0
     config.eval.knn_every_epochs = 1

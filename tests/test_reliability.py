@@ -20,7 +20,7 @@ from PIL import Image
 from moco_tf import callbacks as callbacks_lib
 from moco_tf import checkpoint as checkpoint_lib
 from moco_tf import config as config_lib
-from moco_tf import data, train_lib
+from moco_tf import data, errors, train_lib
 from moco_tf import workdir as workdir_lib
 from moco_tf.config import DataError
 from moco_tf.data import image_folder
@@ -178,7 +178,7 @@ def test_on_bad_image_error_names_the_file_at_listing_or_at_decoding(tmp_path):
     _, ds = folder_images(folder, on_bad_image="error")
     config = small_config()
     with pytest.raises(DataError, match=r"broken.png: cannot decode the image \(.*Error"):
-        with train_lib._explained_failures(config):  # what train_and_evaluate wraps fit in
+        with errors.explained_failures(config):  # what train_and_evaluate wraps fit in
             list(ds)
 
 
@@ -239,13 +239,21 @@ CONFIG_MISTAKES = [
     ("temperature_not_positive", ["--config.moco.temperature=0"],
      "'moco.temperature' must be > 0, got 0"),
     ("momentum_outside_0_1", ["--config.moco.momentum=1.5"],
-     "'moco.momentum' must be in [0, 1], got 1.5."),
+     "'moco.momentum' must be >= 0 and <= 1, got 1.5."),
     ("missing_image_folder",
      ["--config.data.source=image_folder", "--config.data.data_dir=/nonexistent/images"],
      "'data.data_dir': the image folder '/nonexistent/images' does not exist."),
     ("missing_fashion_mnist_folder",
      ["--config=configs/fashion_mnist.py:smoke", "--config.data.data_dir=/nonexistent/fmnist"],
      "'data.data_dir': the Fashion-MNIST folder /nonexistent/fmnist does not exist."),
+    ("config_file_does_not_exist", ["--config={tmp}/nosuch.py"],
+     "the config file {tmp}/nosuch.py does not exist"),
+    ("config_file_with_a_syntax_error", "def get_config(:\n",
+     "has a syntax error at line"),
+    ("unknown_config_variant", ["--config=configs/synthetic.py:nosuch"],
+     "Unknown variant 'nosuch': configs/synthetic.py has none."),
+    ("steps_per_epoch_negative", ["--config.train.steps_per_epoch=-1"],
+     "'train.steps_per_epoch' must be >= 1, got -1."),
     ("tpu_without_a_tpu", ["--config.train.strategy=tpu"],
      "'train.strategy' is 'tpu' but no TPU was found at 'local'"),
     ("mirrored_without_gpus", ["--config.train.strategy=mirrored"],
@@ -462,7 +470,7 @@ def test_full_disk_at_save_is_a_clear_error_and_the_previous_checkpoint_stays_in
             workdir_lib.check_writable(os.path.join(disk, "next_run"))
         # TensorFlow reports a full disk as ResourceExhausted, like an OOM: told apart.
         with pytest.raises(workdir_lib.WorkdirError, match="No space left on device"):
-            with train_lib._explained_failures(config):
+            with errors.explained_failures(config):
                 tf.io.write_file(os.path.join(disk, "big"), b"\0" * 2**20)
         os.remove(filler)
         os.remove(os.path.join(disk, "rest"))

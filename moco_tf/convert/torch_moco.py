@@ -1,19 +1,21 @@
-"""Import of official PyTorch MoCo checkpoints (and plain torchvision ResNets) into Keras.
+"""Import of official PyTorch MoCo checkpoints (and plain torchvision ResNets, timm ViTs) into Keras.
 
 Reads a `.pth`/`.pth.tar` file, picks the query encoder, loads its ResNet onto
-`moco_tf.models.build_backbone` (same layer names as torchvision, see backbones.py) and writes the
+`moco_tf.models.build_backbone` (same layer names as torchvision, see backbones.py) or its ViT
+onto `moco_tf.models.vit.build_vit` (timm's names: MoCo v3's `vit-s-300ep.pth.tar`,
+`vit-b-300ep.pth.tar`), and writes the
 exports training writes (`moco_tf.export.export_backbone`: SavedModel + `backbone.keras`), so
 `python -m moco_tf.eval.linear`, kNN and fine-tuning take converted weights unchanged.
 
-Checkpoint layouts recognised (the first that holds `conv1.weight` wins):
+Checkpoint layouts recognised (the first that holds `conv1.weight`, or `cls_token`, wins):
   `module.encoder_q.*`     MoCo v1/v2 (facebookresearch/moco `main_moco.py`, DDP-wrapped)
-  `module.base_encoder.*`  MoCo v3 ResNet (facebookresearch/moco-v3)
+  `module.base_encoder.*`  MoCo v3 ResNet or ViT (facebookresearch/moco-v3)
   `encoder_q.*`, `base_encoder.*`, `module.*`   the same without DDP / a DDP-wrapped ResNet
   no prefix                a torchvision ResNet `state_dict` (`torch.save(model.state_dict())`)
 A dict with a `"state_dict"` entry is unwrapped first (the official files also hold `epoch`,
 `arch`, `optimizer`). The key encoder, queue and predictor are ignored. The `fc` head is the
-projector (v1: `fc` linear; v2: `fc.0`-ReLU-`fc.2`; v3: `fc.0`-BN-ReLU-`fc.3`-BN) and is written
-to `projector.keras` with `--projector`.
+projector (v1: `fc` linear; v2: `fc.0`-ReLU-`fc.2`; v3: `fc.0`-BN-ReLU-`fc.3`-BN; a v3 ViT's
+`head.*`, three layers) and is written to `projector.keras` with `--projector`.
 
 Numerics: the official pre-processing is ImageNet mean/std on RGB in [0, 1]; our models take
 [0, 1] images and standardise inside, so the converted backbone's `normalize` layer gets those
@@ -42,8 +44,10 @@ if __name__ == "__main__":  # before TensorFlow is imported
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+from moco_tf.convert import names  # noqa: E402
 from moco_tf.models.backbones import RESNETS, build_backbone  # noqa: E402
 from moco_tf.models.heads import build_projector  # noqa: E402
+from moco_tf.models.vit import VITS, build_vit  # noqa: E402
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the official MoCo / torchvision Normalize
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -55,12 +59,7 @@ INFO_FILE = "conversion.json"
 INSTALL_HINT = ('pip install "moco-tf[convert]" (from a checkout: pip install -e ".[convert]"; '
                 "on Linux add --extra-index-url https://download.pytorch.org/whl/cpu for the "
                 "CPU build)")
-_VIT_MARKERS = re.compile(r"(^|\.)(pos_embed|cls_token|patch_embed|blocks\.\d+)")
 _SHOWN = 10  # keys listed per category in a mismatch error
-# Keras variable name -> torch parameter name (per layer).
-_TORCH_PARAM = {"kernel": "weight", "bias": "bias", "gamma": "weight", "beta": "bias",
-                "moving_mean": "running_mean", "moving_variance": "running_var"}
-
 
 class ConversionError(ValueError):
     """The checkpoint cannot be converted; the message says why and what to do."""
@@ -146,21 +145,33 @@ def _first_line(error) -> str:
 
 
 def query_encoder(state_dict: dict) -> tuple[dict, str]:
-    """The query encoder's weights without their prefix: `(encoder_state_dict, prefix)`."""
-    vit_keys = [k for k in state_dict if _VIT_MARKERS.search(k)]
-    if vit_keys:
-        raise ConversionError(
-            f"This is a Vision Transformer checkpoint (keys like {vit_keys[0]!r}), e.g. MoCo v3 "
-            f"ViT: ViT not supported, only ResNets (MoCo v1/v2/v3 ResNet-50, torchvision ResNets)."
-        )
-    for prefix in ENCODER_PREFIXES:
-        if f"{prefix}conv1.weight" in state_dict:
-            return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}, prefix
+    """The query encoder's weights without their prefix: `(encoder_state_dict, prefix)`.
+
+    A ResNet is found by `conv1.weight`, a ViT (MoCo v3) by `cls_token`, under the first of
+    `ENCODER_PREFIXES` that has it."""
+    for marker in ("conv1.weight", "cls_token"):
+        for prefix in ENCODER_PREFIXES:
+            if f"{prefix}{marker}" in state_dict:
+                return ({k[len(prefix):]: v for k, v in state_dict.items()
+                         if k.startswith(prefix)}, prefix)
     raise ConversionError(
-        "Architecture mismatch: no ResNet found (no key `conv1.weight` under any of the prefixes "
-        f"{[p for p in ENCODER_PREFIXES if p]} or without prefix). First keys of the checkpoint: "
-        f"{list(state_dict)[:_SHOWN]}"
+        "Architecture mismatch: no ResNet (key `conv1.weight`) and no ViT (key `cls_token`) under "
+        f"any of the prefixes {[p for p in ENCODER_PREFIXES if p]} or without prefix. First keys "
+        f"of the checkpoint: {list(state_dict)[:_SHOWN]}"
     )
+
+
+def infer_vit(encoder: dict) -> tuple[str, int]:
+    """(`vit_small` / `vit_base` / `vit_tiny`, patch size) from the ViT's weights."""
+    dim = int(encoder["cls_token"].shape[-1])
+    depth = len({m.group(1) for m in map(re.compile(r"blocks\.(\d+)\.").match, encoder) if m})
+    patch = int(encoder["patch_embed.proj.weight"].shape[-1])
+    for name, (d, n, _) in VITS.items():
+        if (d, n) == (dim, depth):
+            return name, patch
+    raise ConversionError(
+        f"Architecture mismatch: the checkpoint's ViT has width {dim} and {depth} blocks, which is "
+        f"none of {', '.join(f'{k} ({d}, {n})' for k, (d, n, _) in VITS.items())}.")
 
 
 def infer_arch(encoder: dict) -> str:
@@ -183,20 +194,11 @@ def infer_arch(encoder: dict) -> str:
 # --- assigning ----------------------------------------------------------------------------------
 
 
-def _torch_layout(name: str, value: np.ndarray, inverse=False) -> np.ndarray:
-    """A torch parameter in the layout of the Keras variable called `name` (or back: `inverse`)."""
-    if name == "kernel" and value.ndim == 4:  # Conv2d [out, in, kh, kw] <-> [kh, kw, in, out]
-        return value.transpose((3, 2, 0, 1) if inverse else (2, 3, 1, 0))
-    if name == "kernel" and value.ndim == 2:  # Linear [out, in] -> Dense [in, out]
-        return value.T
-    return value
-
-
 def load_torch_weights(model: keras.Model, state_dict: dict, torch_prefix=lambda name: name,
                        *, ignore=lambda key: False, what: str = "model") -> int:
     """Assigns `state_dict` (torch keys, numpy values) to the layers of `model`.
 
-    Layer `L` takes the keys `torch_prefix(L.name) + ".weight"` etc. (see `_TORCH_PARAM`). Every
+    Layer `L` takes the keys `torch_prefix(L.name) + ".weight"` etc. (see `names`). Every
     weight of `model` must be found with its shape, and every checkpoint key not `ignore`d must be
     used; otherwise a ConversionError lists the first missing/unexpected/mis-shaped keys and
     nothing is assigned. Returns the number of tensors assigned.
@@ -205,17 +207,18 @@ def load_torch_weights(model: keras.Model, state_dict: dict, torch_prefix=lambda
     for layer in model.layers:
         for variable in layer.weights:
             short = variable.name.split("/")[-1]
-            if short not in _TORCH_PARAM:
+            key = names.torch_key(torch_prefix(layer.name), short)
+            if key is None:
                 raise ConversionError(f"No torch counterpart for {variable.path} of {what}.")
-            key = f"{torch_prefix(layer.name)}.{_TORCH_PARAM[short]}"
             if key not in state_dict:
                 missing.append(key)
                 continue
             used.add(key)
-            value = _torch_layout(short, state_dict[key])
+            value = names.to_keras(short, state_dict[key])
             if tuple(value.shape) != tuple(variable.shape):
-                model = _torch_layout(short, np.empty(variable.shape, np.uint8), inverse=True)
-                shapes.append(f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {model.shape}")
+                ours = names.to_torch(short, np.empty(variable.shape, np.uint8))
+                shapes.append(f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model "
+                              f"{ours.shape}")
                 continue
             assignments.append((variable, value))
     unexpected = [k for k in state_dict
@@ -240,6 +243,8 @@ def backbone_from_encoder(encoder: dict, *, arch: str | None = None, image_size=
     `encoder`: torchvision keys (`conv1.weight`, `layer1.0.bn1.running_mean`, ...); `fc.*` is
     ignored. `arch` defaults to the one the keys describe; a different one gives a mismatch error.
     """
+    if "cls_token" in encoder:
+        return _vit_from_encoder(encoder, arch=arch, image_size=image_size, mean=mean, std=std)
     arch = arch or infer_arch(encoder)  # an explicit arch is checked key by key below
     if arch not in RESNETS:
         raise ConversionError(f"arch must be one of {sorted(RESNETS)}, got {arch!r}.")
@@ -268,35 +273,51 @@ def backbone_from_encoder(encoder: dict, *, arch: str | None = None, image_size=
     return backbone
 
 
+def _vit_from_encoder(encoder, *, arch, image_size, mean, std):
+    """The Keras ViT with the encoder's (timm-named) weights; `head.*` is the projector."""
+    described, patch = infer_vit(encoder)
+    arch = arch or described
+    tokens = encoder["pos_embed"].shape[1] - 1
+    if image_size % patch or (image_size // patch) ** 2 != tokens:
+        side = int(round(tokens ** 0.5)) * patch
+        raise ConversionError(
+            f"The checkpoint's position embedding has {tokens} patches of {patch} px: images of "
+            f"{side} px; pass --image_size={side} (got {image_size}).")
+    backbone = build_vit(arch, (image_size, image_size, 3), patch_size=patch, mean=mean, std=std)
+    load_torch_weights(backbone, encoder, ignore=lambda k: k.startswith("head."), what=arch)
+    return backbone
+
+
 def projector_from_encoder(encoder: dict) -> keras.Model:
     """The `fc` head as a Keras projector `[B, D]` -> `[B, dim]` (layer `projector.i` = `fc.i`).
 
     v1 `fc` (Linear), v2 `fc.0`-ReLU-`fc.2` (Linear with biases), v3 `fc.0`-BN-ReLU-`fc.3`-BN
     (no biases, last BN without affine); also the ImageNet classifier of a torchvision model.
     """
-    if "fc.weight" in encoder:  # a single Linear
-        out_dim, in_dim = encoder["fc.weight"].shape
-        model = build_projector("linear", in_dim, out_dim, use_bias="fc.bias" in encoder)
-        load_torch_weights(model, encoder, lambda name: "fc",
-                           ignore=lambda k: not k.startswith("fc."), what="linear projector")
+    head = "head" if "cls_token" in encoder else "fc"  # timm's ViT calls it head
+    if f"{head}.weight" in encoder:  # a single Linear
+        out_dim, in_dim = encoder[f"{head}.weight"].shape
+        model = build_projector("linear", in_dim, out_dim, use_bias=f"{head}.bias" in encoder)
+        load_torch_weights(model, encoder, lambda name: head,
+                           ignore=lambda k: not k.startswith(head + "."), what="linear projector")
         return model
     linear = sorted(int(m.group(1)) for k, v in encoder.items()
-                    for m in [re.fullmatch(r"fc\.(\d+)\.weight", k)] if m and v.ndim == 2)
+                    for m in [re.fullmatch(rf"{head}\.(\d+)\.weight", k)] if m and v.ndim == 2)
     if len(linear) < 2:
         raise ConversionError(
-            f"No projector head (`fc.*`) in the checkpoint; keys: {list(encoder)[:_SHOWN]}")
-    bn_key = re.compile(r"fc\.(\d+)\.running_mean")
+            f"No projector head (`{head}.*`) in the checkpoint; keys: {list(encoder)[:_SHOWN]}")
+    bn_key = re.compile(rf"{head}\.(\d+)\.running_mean")
     bns = {int(m.group(1)) for m in map(bn_key.fullmatch, encoder) if m}
-    in_dim = encoder[f"fc.{linear[0]}.weight"].shape[1]
-    hidden = encoder[f"fc.{linear[0]}.weight"].shape[0]
-    out_dim = encoder[f"fc.{linear[-1]}.weight"].shape[0]
+    in_dim = encoder[f"{head}.{linear[0]}.weight"].shape[1]
+    hidden = encoder[f"{head}.{linear[0]}.weight"].shape[0]
+    out_dim = encoder[f"{head}.{linear[-1]}.weight"].shape[0]
     model = build_projector(
         "mlp", in_dim, out_dim, hidden_dim=hidden, num_layers=len(linear),
         use_bn=(linear[0] + 1) in bns, last_bn=(linear[-1] + 1) in bns,
-        use_bias=f"fc.{linear[0]}.bias" in encoder,
+        use_bias=f"{head}.{linear[0]}.bias" in encoder,
     )
-    load_torch_weights(model, encoder, lambda name: "fc." + name.split(".")[-1],
-                       ignore=lambda k: not k.startswith("fc."), what="MLP projector")
+    load_torch_weights(model, encoder, lambda name: f"{head}." + name.split(".")[-1],
+                       ignore=lambda k: not k.startswith(head + "."), what="MLP projector")
     return model
 
 
@@ -322,14 +343,15 @@ def convert(checkpoint: str, out_dir: str | None, *, arch: str | None = None, pr
         "checkpoint": os.path.abspath(checkpoint),
         "prefix": prefix,
         "layout": {"module.encoder_q.": "moco_v1/v2", "module.base_encoder.": "moco_v3",
-                   "": "torchvision"}.get(prefix, prefix.rstrip(".")),
+                   "": "timm" if "cls_token" in encoder else "torchvision"}.get(
+                       prefix, prefix.rstrip(".")),
         "arch": backbone.name,
         "checkpoint_arch": metadata.get("arch"),
         "epoch": metadata.get("epoch"),
         "image_size": int(image_size),
         "mean": [float(m) for m in mean],
         "std": [float(s) for s in std],
-        "cifar_stem": bool(cifar_stem),
+        "cifar_stem": bool(cifar_stem) and "cls_token" not in encoder,
         "feature_dim": int(backbone.output_shape[-1]),
         "backbone_tensors": len(backbone.weights),
         "projector": None if head is None else [int(d) for d in head.output_shape[1:]],
@@ -355,7 +377,8 @@ def _define_flags():
     flags.DEFINE_string("checkpoint", None, "The .pth / .pth.tar file (MoCo v1/v2/v3 ResNet or a "
                         "torchvision ResNet state_dict).")
     flags.DEFINE_string("out", None, "Export dir to write (saved_model/, backbone.keras, ...).")
-    flags.DEFINE_enum("arch", None, sorted(RESNETS), "ResNet; default: read from the checkpoint.")
+    flags.DEFINE_enum("arch", None, sorted(RESNETS) + sorted(VITS),
+                      "ResNet or ViT; default: read from the checkpoint.")
     flags.DEFINE_bool("projector", False, "Also convert the fc head to projector.keras.")
     flags.DEFINE_integer("image_size", 224, "Input size S of the exported model ([B, S, S, 3]).")
     flags.DEFINE_list("mean", [str(m) for m in IMAGENET_MEAN], "Per-channel mean (RGB in [0, 1]).")

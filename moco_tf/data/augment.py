@@ -7,14 +7,10 @@ factors. All randomness is stateless, drawn from a seed of shape [2] — the pip
 batch index into the run seed, so batch ``i`` is the same in a resumed run.
 
 Why not keras-cv ``RandomCropAndResize``: it is per image too, but it crops image by image
-(vectorized_map) and draws from a stateful generator, so batches can't be replayed. Measured on
-the 2-core CPU (benchmarks/pipeline_crop.py, random-resized crop only, uint8 → float32, img/s,
-other jobs running):
-    28 px,  batch 256:  keras-cv  9,700–13,000   batched crop_and_resize  65,000–68,000
-    224 px, batch 64:   keras-cv    900–1,180    batched crop_and_resize   1,300–1,420
-Full moco_v2 two views at 224 px: ~65–80 img/s per 2 cores (hue via HSV and the 23-tap blur
-dominate; tf.data runs batches in parallel, so it scales with cores). Fashion-MNIST moco_v2
-pipeline at batch 256: 38,000–48,000 img/s.
+(vectorized_map) and draws from a stateful generator, so batches can't be replayed; and the one
+batched op was 5-7x faster at 28 px, 1.2-1.4x at 224 px (benchmarks/pipeline_crop.py; numbers
+in docs/performance.md). Large images are read one by one instead (``records.py``) and only the
+photometric stage runs here, batched.
 
 Recipes (MoCo official code, torchvision semantics):
 * moco_v1: RandomResizedCrop(scale), RandomGrayscale(0.2), ColorJitter(0.4, 0.4, 0.4, 0.4), flip.
@@ -205,8 +201,7 @@ def _colour(x, u, recipe):
 @functools.lru_cache(maxsize=None)
 def _fused_colour(recipe):
     """``_colour`` compiled by XLA: its ~20 element-wise ops (and the HSV round trip of the hue)
-    become one pass over the pixels. Colour jitter at 224 px, 2 cores: 186 instead of 542 ms per
-    256 images (measured)."""
+    become one pass over the pixels: colour jitter at 224 px ~3x faster (docs/data.md)."""
     return tf.function(functools.partial(_colour, recipe=recipe), jit_compile=True)
 
 

@@ -164,6 +164,7 @@ def check(config) -> None:
         _check_class_count(d, classes, f"tfds dataset '{d.name}'")
     elif d.source == "image_folder":
         train = _listing(d, d.train_split)
+        _check_decodable(train, d)
         if needs_labels:
             for split, key in ((d.train_split, "data.data_dir"), (d.eval_split, "data.eval_dir")):
                 listing = _listing(d, split)
@@ -174,6 +175,24 @@ def check(config) -> None:
                         f"class (ILSVRC2012's flat validation folder: `python -m "
                         f"moco_tf.data.imagenet_val DIR`), or set eval.knn_every_epochs=0.")
             _check_class_count(d, len(train.classes), f"{d.data_dir}")
+
+
+def _check_decodable(listing, data_cfg, sample=8):
+    """DataError if none of the first `sample` images decodes: such a folder would give a
+    training pipeline that drops every image and never yields a batch."""
+    reasons = []
+    for name, kind in list(zip(listing.files, listing.kinds))[:sample]:
+        try:
+            if kind == image_folder.PIL_IMAGE:
+                image_folder.pil_decode(name, int(data_cfg.channels))
+            else:
+                records_lib.decode_tf(tf.io.read_file(name), int(data_cfg.channels))
+            return
+        except Exception as e:  # noqa: BLE001  TF and PIL raise many kinds for a broken file
+            first = (str(e).strip().splitlines() or [""])[0][:120]
+            reasons.append(f"{name} ({type(e).__name__}: {first})")
+    raise DataError(f"None of the first {len(reasons)} images of {data_cfg.data_dir} can be "
+                    f"decoded, e.g. {reasons[0]}; the folder is unusable as it is.")
 
 
 def _check_class_count(d, classes, where):

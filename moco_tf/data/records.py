@@ -6,9 +6,9 @@ Raw records travel through the shuffle; decoding happens after it, in parallel:
 
 * training: every image is decoded once and cropped twice — torchvision's RandomResizedCrop
   drawn on the *original* image (``crops.crop_windows``), resized to the view size (bilinear,
-  ``resize_to``), flipped — giving two uint8 views. Measured on 2 cores,
-  500x375 JPEGs: one full decode + two slices ran 1,175 images/s, two ``decode_and_crop_jpeg``
-  calls (one per view) 762/s: two crops of 20–100% of the image cover more rows than one decode.
+  ``resize_to``), flipped — giving two uint8 views. One full decode and two slices beat one
+  ``decode_and_crop_jpeg`` per view by ~1.5x (two crops of 20–100% of the image cover more rows
+  than one decode; docs/data.md).
 * evaluation: the centre crop (``crops.centre_window``) resized: ImageNet's Resize + CenterCrop.
 
 TensorFlow ops decode JPEG, PNG, GIF, BMP and WebP in the graph; PIL the rest (TIFF, 16-bit
@@ -21,12 +21,13 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from moco_tf.config import DataError
 from moco_tf.data import augment, crops, image_folder
 
 AUTOTUNE = tf.data.AUTOTUNE
 
 
-def _decode_tf(data, channels):
+def decode_tf(data, channels):
     """TF decode of an encoded image → uint8 [H, W, channels]."""
     def jpeg():
         return tf.io.decode_jpeg(data, channels=channels)  # also CMYK and gray → channels
@@ -66,8 +67,7 @@ def resize_to(image, size: int, antialias: bool = False):
 
     ``antialias`` widens the filter when shrinking, as PIL (torchvision's RandomResizedCrop on
     PIL images) does. It is off by default, as in TensorFlow's and JAX's reference SSL pipelines
-    (SimCLR, BYOL, big_vision): on 2 cores, 500x375 JPEGs, decode + two crops ran 971 images/s
-    with plain bilinear and 349/s with antialiasing (measured).
+    (SimCLR, BYOL, big_vision): decoding and cropping ran ~2.8x slower with it (docs/data.md).
     """
     out = tf.image.resize(image, [size, size], method="bilinear", antialias=antialias)
     return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
@@ -102,7 +102,7 @@ class Decoder:
 
     def _image(self, data, kind):
         def by_tf():
-            return _decode_tf(tf.io.read_file(data) if self.reads_files else data, self.channels)
+            return decode_tf(tf.io.read_file(data) if self.reads_files else data, self.channels)
 
         if self.bad is None:
             return by_tf()
@@ -120,12 +120,15 @@ class Decoder:
         """What PIL opens: the file name, or the encoded bytes."""
         return os.fsdecode(data) if self.reads_files else bytes(data)
 
-    def map(self, records, fn, locate, first_position=0):
+    def map(self, records, fn, locate, first_position=0, give_up_after=1000):
         """``fn(image uint8 [H, W, C], position) → outputs`` over ``(data, label, kind)`` records.
 
         Args:
           locate: ``position → data`` of a record (to name one that was dropped).
           first_position: the position of the first record.
+          give_up_after: this many failures in a row raise ``DataError`` whatever
+            ``on_bad_image`` says: the data is unusable, and an endless stream of records that
+            all fail would otherwise never yield a batch.
         Returns:
           a dataset of ``(outputs, label)``, in record order, without the images that failed.
         """
@@ -143,6 +146,12 @@ class Decoder:
                     data = locate(position)
                     name = os.fsdecode(data) if self.reads_files else f"record {position}"
                     self.bad.report(name, self._source(data))
+                    if position - int(first) + 1 >= give_up_after:
+                        raise DataError(
+                            f"{give_up_after} images in a row could not be decoded (the last: "
+                            f"{name}); the data is unusable as it is. Check the files, e.g. "
+                            f"with PIL: python -c \"from PIL import Image; "
+                            f"Image.open('{name}').load()\"")
                 return np.int64(end)
 
             def find_gaps(expected, element):

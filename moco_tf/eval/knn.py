@@ -12,6 +12,7 @@ from typing import Callable, Dict, List, Sequence, Tuple, Union
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 FeatureSource = Union[keras.Model, Callable[[tf.Tensor], tf.Tensor]]
 
@@ -216,6 +217,8 @@ class KNNMonitor(keras.callbacks.Callback):
       ks: neighbour counts, all computed in one pass; `ks[0]` is the headline `knn_top1`.
       temperature: vote temperature (0.1 as in InstDisc / the MoCo CIFAR demo).
       verbose: print one line per evaluation.
+      stop_on_error: False: an evaluation that fails (out of memory, a bad image in the bank) is
+        logged and recorded in `self.errors` as `(epoch, message)`, and training goes on.
     """
 
     def __init__(
@@ -227,6 +230,7 @@ class KNNMonitor(keras.callbacks.Callback):
         ks: Sequence[int] = (200, 20),
         temperature: float = 0.1,
         verbose: int = 1,
+        stop_on_error: bool = True,
     ):
         super().__init__()
         if every_n_epochs < 1:
@@ -241,6 +245,8 @@ class KNNMonitor(keras.callbacks.Callback):
         self.temperature = float(temperature)
         self.verbose = verbose
         self.history: List[Tuple[int, Dict[int, float]]] = []
+        self.errors: List[Tuple[int, str]] = []
+        self.stop_on_error = bool(stop_on_error)
         self._features = None
 
     def on_train_begin(self, logs=None):
@@ -268,9 +274,22 @@ class KNNMonitor(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         epoch = epoch + 1  # Keras passes 0-based epochs; report them as the progress bar does.
-        if not self._should_evaluate(epoch):
+        if self._should_evaluate(epoch):
+            self.record(epoch, logs)
+
+    def record(self, epoch: int, logs=None):
+        """Evaluates now, as after (1-based) `epoch`: appends to `history` (or, failing with
+        `stop_on_error=False`, to `errors`) and writes the accuracies into `logs`."""
+        try:
+            accuracies = self.evaluate()
+        except Exception as e:  # noqa: BLE001  whatever failed, the training may go on
+            if self.stop_on_error:
+                raise
+            message = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+            self.errors.append((epoch, message))
+            logging.error("kNN evaluation failed after epoch %d (%s); training goes on.", epoch,
+                          message)
             return
-        accuracies = self.evaluate()
         self.history.append((epoch, accuracies))
         if logs is not None:
             for i, k in enumerate(self.ks):

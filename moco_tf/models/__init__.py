@@ -1,7 +1,9 @@
-"""Encoders: backbones (ResNet-18/50 in torchvision layout, small CNN) and projection heads."""
+"""Encoders: backbones (ResNets in torchvision's layout, ViTs in timm's, a small CNN), projection
+heads, and MoCo's parts (key encoder, negatives)."""
 
-from moco_tf.models.backbones import SplitBatchNorm, Standardize, build_backbone, feature_dim
+from moco_tf.models.backbones import SplitBatchNorm, Standardize, build_backbone
 from moco_tf.models.heads import build_predictor, build_projector
+from moco_tf.models.vit import build_vit
 
 __all__ = [
     "SplitBatchNorm",
@@ -9,5 +11,5 @@ __all__ = [
     "build_backbone",
     "build_predictor",
     "build_projector",
-    "feature_dim",
+    "build_vit",
 ]

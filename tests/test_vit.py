@@ -1,0 +1,60 @@
+"""MoCo v3 with a Vision Transformer: the ViT's pieces, training in float32 and bfloat16, the
+config variants, export and evaluation (the PyTorch equality is in test_convert/test_to_torch)."""
+import os
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import moco_v3  # noqa: E402
+from moco_tf import data, export, train_lib  # noqa: E402
+from moco_tf.models import vit  # noqa: E402
+
+
+def test_vit_pieces():
+    model = vit.build_vit("vit_tiny", (32, 32, 3), patch_size=8)
+    assert model.output_shape == (None, 64)
+    # moco-v3: the patch projection stays at its random init; the position embedding is fixed.
+    trainable = {w.path for w in model.trainable_weights}
+    assert not any(p.startswith("patch_embed.proj") or p.endswith("pos_embed") for p in trainable)
+    assert "embed/cls_token" in trainable
+    # The class token's features: a different image in one slot changes only its own row.
+    x = np.random.default_rng(0).uniform(size=(3, 32, 32, 3)).astype("float32")
+    y = x.copy()
+    y[1] = 1.0 - y[1]
+    a, b = model(x).numpy(), model(y).numpy()
+    np.testing.assert_allclose(a[[0, 2]], b[[0, 2]], atol=1e-5)
+    assert np.abs(a[1] - b[1]).max() > 1e-3
+    with pytest.raises(ValueError, match="not a multiple of the patch size"):
+        vit.build_vit("vit_tiny", (30, 30, 3), patch_size=8)
+    table = vit.sincos_position_embedding(2, 2, 8)
+    assert table.shape == (5, 8) and not table[0].any()  # row 0: the class token
+
+
+def test_the_vit_recipe_is_the_papers():
+    for variant, arch in (("vit_small", "vit_small"), ("vit_base", "vit_base")):
+        c = moco_v3.get_config(variant)
+        assert c.model.backbone == arch and c.model.projector_layers == 3
+        assert (c.train.optimizer, c.train.base_learning_rate, c.train.weight_decay) == (
+            "adamw", 1.5e-4, 0.1)
+        assert (c.train.warmup_epochs, c.train.epochs, c.train.batch_size) == (40, 300, 4096)
+        assert c.moco.temperature == 0.2 and c.moco.loss_scale == pytest.approx(0.4)
+    assert moco_v3.get_config("").model.projector_layers == 2  # ResNet: 2 (builder.py)
+    optimizer = train_lib.build_model(moco_v3.get_config("vit_runlocal")).optimizer
+    assert isinstance(optimizer, keras.optimizers.AdamW) and optimizer.epsilon == 1e-8
+
+
+@pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
+def test_vit_moco_v3_trains_and_exports(precision, tmp_path):
+    c = moco_v3.get_config("vit_runlocal")
+    c.precision = precision
+    c.train.verbose, c.eval.knn_every_epochs = 0, 1
+    model, results = train_lib.train_and_evaluate(c, str(tmp_path))
+    assert np.isfinite(results["final_loss"]) and 0.0 <= results["knn_top1"] <= 1.0
+    backbone = export.load_backbone(results["export_dir"])
+    images, _ = next(iter(data.eval_dataset(c.data, batch_size=4)))
+    np.testing.assert_allclose(backbone(images), model.backbone(images, training=False),
+                               atol=1e-2 if precision != "float32" else 1e-5)
