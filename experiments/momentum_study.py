@@ -26,13 +26,13 @@ batch, with a fixed shuffle-BN permutation. Two measures per block, over trainin
               first version of this study used).
 
   python experiments/momentum_study.py --out=runs/momentum_study            # ~6 h on 2 cores
+  python experiments/momentum_study.py --out=runs/momentum_study --time     # step times, idle machine
   python experiments/momentum_study.py --out=runs/momentum_study --report   # tables and plots only
   python experiments/momentum_study.py --small --out=/tmp/study             # a check in a minute
 """
 
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -42,6 +42,8 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
+
+from experiments import common  # noqa: E402
 
 METHODS = {  # name -> (momentum_scope, negatives, symmetric)
     "MoCo v2": ("full", "queue", False),
@@ -62,7 +64,10 @@ _LINEAR_EPOCHS = flags.DEFINE_integer("linear_epochs", 30, "Epochs of the linear
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs at a time (each in its own process).")
 _REPORT = flags.DEFINE_bool("report", False, "Only write the report from finished runs.")
 _SMALL = flags.DEFINE_bool("small", False, "Tiny synthetic runs (to check the script).")
+_TIME = flags.DEFINE_bool("time", False, "Time every method's step (idle machine), then report.")
+_TIME_STEPS = flags.DEFINE_integer("time_steps", 40, "Timed steps per method.")
 _RUN = flags.DEFINE_string("run", "", "Internal: 'method|seed' to run in this process.")
+_TIME_RUN = flags.DEFINE_string("time_run", "", "Internal: the method to time in this process.")
 
 
 def slug(name):
@@ -85,12 +90,7 @@ def make_config(name, seed):
     config.train.verbose = 2
     config.eval.knn_every_epochs = 1
     config.eval.raw_pixel_baseline = False
-    if _SMALL.value:
-        config.data.source, config.data.image_size, config.data.num_classes = "synthetic", 16, 4
-        config.data.synthetic_examples = 256
-        config.model.width, config.moco.queue_size = 8, 128
-        config.train.batch_size, config.train.steps_per_epoch = 32, 4
-    return config
+    return common.shrink(config) if _SMALL.value else config
 
 
 # --- one run (in its own process) -------------------------------------------------------------
@@ -195,26 +195,42 @@ def pending():
 
 def run_all():
     """Runs the pending (method, seed) pairs, `--parallel` processes at a time."""
-    queue, running = pending(), []
-    print(f"{len(queue)} runs to do", flush=True)
-    flags_ = [f"--{f}={getattr(flags.FLAGS, f)}" for f in
+    passed = [f"--{f}={getattr(flags.FLAGS, f)}" for f in
               ("out", "epochs", "probe_every", "linear_epochs", "small")]
-    while queue or running:
-        while queue and len(running) < _PARALLEL.value:
-            name, seed = queue.pop(0)
-            log = open(os.path.join(_OUT.value, f"{slug(name)}_seed{seed}.log"), "a")
-            env = dict(os.environ)
-            if _PARALLEL.value > 1:  # one core each: no two runs fighting over both
-                env.update(TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1")
-            cmd = [sys.executable, os.path.abspath(__file__), f"--run={name}|{seed}", *flags_]
-            running.append((name, seed, subprocess.Popen(cmd, stdout=log, stderr=log, env=env)))
-            print(f"started {name} seed {seed}", flush=True)
-        time.sleep(5)
-        for item in list(running):
-            if item[2].poll() is not None:
-                running.remove(item)
-                print(f"finished {item[0]} seed {item[1]} (exit {item[2].returncode})",
-                      flush=True)
+    common.run_processes([(f"{slug(name)}_seed{seed}", [os.path.abspath(__file__),
+                                                      f"--run={name}|{seed}", *passed])
+                        for name, seed in pending()], _PARALLEL.value, _OUT.value)
+
+
+# --- step time on an idle machine (the equal-time comparison) ----------------------------------
+
+
+def timing_path(name):
+    return os.path.join(_OUT.value, "timing", f"{slug(name)}.json")
+
+
+def time_one(name):
+    """Seconds per training step of `name` (real input, both cores), median of `--time_steps`."""
+    from benchmarks.step import time_fit
+    from moco_tf import data, train_lib
+
+    config = make_config(name, 0)
+    model = train_lib.build_model(config)
+    per_step, _ = time_fit(model, data.train_dataset(config.data, config.train.batch_size),
+                           warmup=5, steps=_TIME_STEPS.value)
+    os.makedirs(os.path.dirname(timing_path(name)), exist_ok=True)
+    with open(timing_path(name), "w") as f:
+        json.dump({"method": name, "seconds_per_step": float(np.median(per_step)),
+                   "steps": len(per_step), "cpus": os.cpu_count()}, f, indent=2)
+
+
+def time_all():
+    """Times every method, one process after the other (run it on an otherwise idle machine)."""
+    passed = [f"--{f}={getattr(flags.FLAGS, f)}" for f in ("out", "time_steps", "small")]
+    common.run_processes([(f"time_{slug(name)}", [os.path.abspath(__file__), f"--time_run={name}",
+                                                *passed])
+                        for name in _METHODS.value if not os.path.exists(timing_path(name))],
+                       1, _OUT.value)
 
 
 def load_runs():
@@ -257,13 +273,20 @@ def summarize(runs):
         s["fluctuation_cv"] = [stat(v) for v in zip(*cv)]
         s["fluctuation_rel_change"] = [stat(v) for v in zip(*rel)]
         summary[name] = s
-    # Equal wall time: each method's kNN curve read at the shortest mean training time.
-    budget = min(s["train_seconds"]["mean"] for s in summary.values())
+    # Equal wall time: every run's kNN curve read at the cheapest method's whole training time.
+    # Training times are steps x the step time `--time` measured for all methods on one idle
+    # machine; without it the runs' own times (distorted when runs shared a busy machine).
     for name, rs in runs.items():
-        at_budget = []
+        timed = os.path.exists(timing_path(name))
+        seconds = (json.load(open(timing_path(name)))["seconds_per_step"] * rs[0]["steps"]
+                   if timed else summary[name]["train_seconds"]["mean"])
+        summary[name]["equal_time_basis"] = {"seconds": seconds, "timed_idle": timed}
+    budget = min(s["equal_time_basis"]["seconds"] for s in summary.values())
+    for name, rs in runs.items():
+        total, at_budget = summary[name]["equal_time_basis"]["seconds"], []
         for r in rs:
             epochs = len(r["knn_per_epoch"])
-            times = [r["train_seconds"] * (e + 1) / epochs for e in range(epochs)]
+            times = [total * (e + 1) / epochs for e in range(epochs)]
             accs = [e["k200"] for e in r["knn_per_epoch"]]
             at_budget.append(float(np.interp(budget, times, accs)))
         summary[name]["knn_k200_at_equal_time"] = stat(at_budget)
@@ -281,15 +304,18 @@ def write_report(runs):
     lines = [f"Fashion-MNIST, {_EPOCHS.value} epochs, seeds {', '.join(_SEEDS.value)} "
              "(mean ± std over seeds).", "",
              "| method | kNN k=200 | kNN k=20 | linear | kNN k=200 at equal time | "
-             "train time | img/s |", "|---|---|---|---|---|---|---|"]
+             "training time | img/s (shared machine) |", "|---|---|---|---|---|---|---|"]
     for name, s in summary.items():
         lines.append(f"| {name} (n={s['knn_k200']['n']}) | {pct(s['knn_k200'])} | "
                      f"{pct(s['knn_k20'])} | {pct(s['linear'])} | "
                      f"{pct(s['knn_k200_at_equal_time'])} | "
-                     f"{s['train_seconds']['mean'] / 60:.1f} min | "
+                     f"{s['equal_time_basis']['seconds'] / 60:.1f} min | "
                      f"{s['images_per_sec']['mean']:.0f} |")
+    timed = all(s["equal_time_basis"]["timed_idle"] for s in summary.values())
     lines += ["", f"Equal time: each curve read at {budget / 60:.1f} min of training (the fastest "
-              "method's whole budget), linearly between epochs."]
+              "method's whole budget), linearly between epochs. Training time = steps x "
+              + ("the step time measured by `--time` on an idle machine." if timed else
+                 "(no `--time` measurements) the runs' own, possibly contended, wall time.")]
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -339,7 +365,11 @@ def main(argv):
     if _RUN.value:
         name, seed = _RUN.value.split("|")
         return run_one(name, seed)
-    if not _REPORT.value:
+    if _TIME_RUN.value:
+        return time_one(_TIME_RUN.value)
+    if _TIME.value:
+        time_all()
+    elif not _REPORT.value:
         run_all()
     runs = load_runs()
     if runs:

@@ -189,34 +189,39 @@ def hparams(config: ml_collections.ConfigDict) -> dict:
             for key, value in _flatten(config).items() if value is not None}
 
 
-def _same_kind(value, default) -> bool:
-    if default is None or value is None:
-        return True
-    if isinstance(default, bool) or isinstance(value, bool):
-        return isinstance(value, bool) and isinstance(default, bool)
-    if isinstance(default, (int, float)):
-        return isinstance(value, (int, float))
-    if isinstance(default, (tuple, list)):
-        return isinstance(value, (tuple, list))
-    return isinstance(value, type(default))
+def flat_keys() -> set:
+    """Every config key as a dotted path: {"train.batch_size", ...}."""
+    return set(_flatten(defaults()))
+
+
+def unknown_key_message(path: str) -> str:
+    """'Unknown config key ...' with the closest known key, for a config file or an override."""
+    close = difflib.get_close_matches(path, sorted(flat_keys()), n=1)
+    return f"Unknown config key '{path}'." + (f" Did you mean '{close[0]}'?" if close else "")
+
+
+def _check_keys_and_types(config):
+    """Unknown keys and ill-typed values by ml_collections' own rules: `config` is applied key by
+    key onto the locked defaults (locking refuses a new key; type safety casts an int to a float
+    and a list to a tuple, and refuses the rest). Only the message, naming the key, is ours."""
+    schema = defaults().lock()
+    for path, value in _flatten(config).items():
+        try:
+            schema.update_from_flattened_dict({path: value})
+        except (KeyError, AttributeError):
+            raise ConfigError(unknown_key_message(path)) from None
+        except TypeError:
+            expected = type(_flatten(defaults())[path]).__name__
+            raise ConfigError(f"'{path}' must be of type {expected}, got {value!r}.") from None
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Checks `config` against the schema and the MoCo constraints.
+    """Checks `config` against the defaults' keys and types, then the MoCo constraints.
 
     Returns the config unchanged; raises `ConfigError` naming the first problem.
     """
-    schema = _flatten(defaults())
+    _check_keys_and_types(config)
     given = _flatten(config)
-    for key, value in given.items():
-        if key not in schema:
-            close = difflib.get_close_matches(key, schema, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"Unknown config key '{key}'.{hint}")
-        if not _same_kind(value, schema[key]):
-            raise ConfigError(
-                f"'{key}' must be of type {type(schema[key]).__name__}, got {value!r}."
-            )
     for key, choices in _CHOICES.items():
         if key in given and given[key] not in choices:
             raise ConfigError(f"'{key}' is {given[key]!r}; choose one of {', '.join(choices)}.")

@@ -9,7 +9,6 @@ Log detail: absl's `--verbosity` (default: INFO from moco_tf, WARNING from Tenso
 """
 
 import os
-import re
 import sys
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -28,15 +27,13 @@ def _fail(kind, error, status):
     sys.exit(status)
 
 
-def _unknown_override(error, argv):
-    """ml_collections' error for `--config.a.b_typo=1` in validate()'s words."""
-    names = re.findall(r"[\"']([\w.]+)\\?[\"']", error)  # the bad key, then the suggestion
-    key = names[0] if names else "?"
-    path = next((a[len("--config."):].split("=")[0] for a in argv
-                 if a.startswith("--config.") and key in a.split("=")[0].split(".")), key)
-    parent = path.rsplit(".", 1)[0] + "." if "." in path else ""
-    hint = f" Did you mean '{parent}{names[1]}'?" if len(names) > 1 else ""
-    return f"Unknown config key '{path}'.{hint}"
+def _unknown_override(argv):
+    """The `--config.a.b=` override naming a key the config does not have, in validate()'s words."""
+    from moco_tf import config as config_lib
+
+    known = config_lib.flat_keys()
+    paths = [a[len("--config."):].split("=")[0] for a in argv if a.startswith("--config.")]
+    return config_lib.unknown_key_message(next((p for p in paths if p not in known), "?"))
 
 
 def _parse_flags(argv):
@@ -48,8 +45,8 @@ def _parse_flags(argv):
         if problem is None:
             return parsed
         message = problem
-    except AttributeError as e:  # ml_collections: an override of a key the config does not have
-        message = _unknown_override(str(e), argv)
+    except AttributeError:  # ml_collections: an override of a key the config does not have
+        message = _unknown_override(argv)
     except (flags.Error, OSError, SyntaxError) as e:  # incl. a config file that cannot load
         message = _config_file_problem(argv) or str(e)
         if "Traceback (most recent call last)" in message:  # keep the error, not the wall

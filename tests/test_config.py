@@ -106,6 +106,18 @@ def test_bad_values_are_rejected(key, value, message):
         config_lib.validate(c)
 
 
+def test_values_are_cast_by_ml_collections_rules_and_new_keys_refused():
+    # An int where the default is a float and a list where it is a tuple are accepted (as
+    # ml_collections' type safety casts them); a key the defaults do not have is not.
+    raw = config_lib.defaults().to_dict()
+    raw["moco"]["temperature"], raw["data"]["crop_scale"] = 1, [0.3, 1.0]
+    config_lib.validate(ml_collections.ConfigDict(raw))
+    raw["data"]["crop_scales"] = (0.3, 1.0)
+    with pytest.raises(config_lib.ConfigError, match=r"Unknown config key 'data.crop_scales'. "
+                                                     r"Did you mean 'data.crop_scale'\?"):
+        config_lib.validate(ml_collections.ConfigDict(raw))
+
+
 def test_train_py_prints_one_line_and_exits_2_on_a_config_error(tmp_path):
     proc = subprocess.run(
         [sys.executable, "train.py", "--config=configs/fashion_mnist.py:smoke",
