@@ -17,13 +17,9 @@ global Keras dtype policy starts fresh):
                           backbone's forward passes only when both views' backbone features are
                           computed anyway, i.e. with the symmetric loss.
   torch_eager, torch_compile   (--compare-torch) the reference step, copied below.
-  conv_bound, torch_conv_bound   the step's convolutions alone: every conv kernel of the model
-                          timed in isolation at its shape (forward x2 for query and key,
-                          backward to the input and to the filter), summed into a step rate.
-                          A step running these kernels one after the other cannot be faster
-                          (running two at once, as TF's executor does, gains a few percent at
-                          most); fit / conv_bound is the share of that limit a step reaches.
-                          torch_conv_bound times PyTorch's kernels at the reference's shapes.
+
+How close both steps come to what their convolution kernels allow was a one-off investigation:
+`experiments/conv_bound.py`, numbers in docs/performance.md.
 
 Timing: `fit` on a cached in-memory dataset of random images (a few distinct batches, repeated);
 the first `--warmup` executions (tracing, allocation) are dropped and the median of the next
@@ -69,15 +65,12 @@ MODES = {
         kind="fit", precision="float32", scope="projector", symmetric=True),
     "torch_eager": dict(kind="torch", compile=False),
     "torch_compile": dict(kind="torch", compile=True),
-    "conv_bound": dict(kind="bound", precision="float32"),
-    "torch_conv_bound": dict(kind="torch_bound"),
 }
 # Default run order: the torch reference right after our fp32 step (same machine state), the two
 # momentum scopes next to each other.
 TF_MODES = ["fit_fp32", "fit_bf16", "backbone_only", "backbone_only_bf16", "full_ema",
             "projector_momentum", "full_ema_symmetric", "projector_momentum_symmetric"]
 TORCH_MODES = ["torch_eager", "torch_compile"]
-BOUND_MODES = ["conv_bound", "torch_conv_bound"]
 
 # Issue 7's targets: (name, numerator key, denominator key, comparison, bound).
 TARGETS = [
@@ -336,149 +329,9 @@ def measure_torch(mode, args):
                     note="ResNet-18 width 64 (the reference's; --width applies to ours only)")
 
 
-# --- the convolution bound ----------------------------------------------------------------------
-# benchmarks/profile_step.py on the fp32 step on this CPU: convolutions (forward, backward to the
-# input, backward to the filter) are 86% of the op time, BN 9%, everything else 5%. Both frameworks
-# run them with oneDNN. Timing each conv kernel alone at the step's shapes gives the fastest step
-# those kernels allow, for our step and for the reference.
-
-
-def _median_seconds(fn, repeats):
-    fn()  # the first call traces / creates the oneDNN primitive
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def bound_step_seconds(convs, time_kernels):
-    """Seconds per MoCo step spent in conv kernels, from each kernel's time alone.
-
-    convs: [(shape, needs_input_grad)], one per conv layer of the encoder, in order.
-    time_kernels(shape) -> (forward, backward-to-input, backward-to-filter) seconds.
-    A step runs every conv forward twice (query and key encoder) and backward once; the first
-    conv's input is the image, whose gradient nobody asks for.
-    """
-    timings, total = {}, 0.0
-    for shape, needs_input_grad in convs:
-        if shape not in timings:
-            timings[shape] = time_kernels(shape)
-        forward, to_input, to_filter = timings[shape]
-        total += 2 * forward + to_filter + (to_input if needs_input_grad else 0.0)
-    return total
-
-
-def tf_conv_shapes(model):
-    """[((H, W, C_in, C_out, kernel, stride, padding), needs_input_grad)] of the query backbone."""
-    import keras
-
-    convs = [layer for layer in model.backbone.layers if isinstance(layer, keras.layers.Conv2D)]
-    return [((*(int(d) for d in layer.input.shape[1:]), layer.filters, layer.kernel_size[0],
-              layer.strides[0], layer.padding.upper()), i > 0) for i, layer in enumerate(convs)]
-
-
-def tf_conv_kernels(batch, repeats):
-    """time_kernels(shape) for TF's conv ops (oneDNN on x86), float32, NHWC as in the model."""
-    import tensorflow as tf
-
-    def time_kernels(shape):
-        h, w, c_in, c_out, k, stride, padding = shape
-        x = tf.random.uniform([batch, h, w, c_in])
-        f = tf.random.uniform([k, k, c_in, c_out])
-        strides = [1, stride, stride, 1]
-        dy = tf.random.uniform(tf.nn.conv2d(x, f, strides, padding).shape)
-        # One element out: reading it waits for the kernel without timing a copy of the output.
-        kernels = [
-            tf.function(lambda: tf.nn.conv2d(x, f, strides, padding)[0, 0, 0, 0]),
-            tf.function(lambda: tf.raw_ops.Conv2DBackpropInput(
-                input_sizes=x.shape, filter=f, out_backprop=dy, strides=strides,
-                padding=padding)[0, 0, 0, 0]),
-            tf.function(lambda: tf.raw_ops.Conv2DBackpropFilter(
-                input=x, filter_sizes=f.shape, out_backprop=dy, strides=strides,
-                padding=padding)[0, 0, 0, 0]),
-        ]
-        return tuple(_median_seconds(lambda fn=fn: float(fn()), repeats) for fn in kernels)
-
-    return time_kernels
-
-
-def torch_conv_shapes(size):
-    """The reference model's convs, as tf_conv_shapes (padding is torch's integer padding)."""
-    import torch
-    import torch.nn as nn
-
-    net, convs = _torch_backbone("resnet18_cifar", 128), []
-
-    def record(module, inputs, output):
-        _, c_in, h, w = inputs[0].shape
-        convs.append(((h, w, c_in, module.out_channels, module.kernel_size[0], module.stride[0],
-                       module.padding[0]), bool(convs)))
-
-    for m in net.modules():
-        if isinstance(m, nn.Conv2d):
-            m.register_forward_hook(record)
-    with torch.no_grad():
-        net.eval()(torch.zeros(1, 3, size, size))
-    return convs
-
-
-def torch_conv_kernels(batch, repeats):
-    """time_kernels(shape) for PyTorch's conv ops (oneDNN on x86), float32: per kernel the faster
-    of NCHW (eager's layout) and channels-last (which torch.compile's layout optimisation picks;
-    it is up to 2x faster for some of these shapes here)."""
-    import torch
-    import torch.nn.functional as F
-
-    def time_layout(shape, layout):
-        h, w, c_in, c_out, k, stride, pad = shape
-        x = torch.rand(batch, c_in, h, w).to(memory_format=layout)
-        f = torch.rand(c_out, c_in, k, k).to(memory_format=layout)
-        with torch.no_grad():
-            dy = torch.rand_like(F.conv2d(x, f, None, stride, pad)).to(memory_format=layout)
-
-            def backward(mask):  # the op autograd calls for a conv's backward
-                return torch.ops.aten.convolution_backward(
-                    dy, x, f, None, [stride] * 2, [pad] * 2, [1, 1], False, [0, 0], 1, mask)
-
-            return (_median_seconds(lambda: F.conv2d(x, f, None, stride, pad), repeats),
-                    _median_seconds(lambda: backward([True, False, False]), repeats),
-                    _median_seconds(lambda: backward([False, True, False]), repeats))
-
-    def time_kernels(shape):
-        layouts = [time_layout(shape, m) for m in (torch.contiguous_format, torch.channels_last)]
-        return tuple(map(min, *layouts))
-
-    return time_kernels
-
-
-def measure_bound(mode, args):
-    """conv_bound / torch_conv_bound: the step rate if only the conv kernels took time."""
-    if MODES[mode]["kind"] == "bound":
-        from moco_tf import train_lib
-
-        convs = tf_conv_shapes(train_lib.build_model(moco_config(args)))
-        time_kernels = tf_conv_kernels(args.batch, args.steps)
-    else:
-        import torch
-
-        if args.torch_threads:
-            torch.set_num_threads(args.torch_threads)
-        convs = torch_conv_shapes(args.size)
-        time_kernels = torch_conv_kernels(args.batch, args.steps)
-    seconds = bound_step_seconds(convs, time_kernels)
-    return {"mode": mode, "img_s": round(args.batch / seconds, 2), "median_step_s": round(seconds, 4),
-            "convs": len(convs), "distinct_shapes": len({shape for shape, _ in convs}),
-            "peak_rss_mb": round(_peak_rss_mb(), 1), "precision": "float32"}
-
-
 def measure(mode, args):
     """Runs one mode in this process; returns its result dict."""
-    kind = MODES[mode]["kind"]
-    if kind in ("bound", "torch_bound"):
-        return measure_bound(mode, args)
-    return (measure_torch if kind == "torch" else measure_tf)(mode, args)
+    return (measure_torch if MODES[mode]["kind"] == "torch" else measure_tf)(mode, args)
 
 
 # --- orchestration ------------------------------------------------------------------------------
@@ -537,11 +390,6 @@ def collect(per_mode):
     if "fit_fp32_img_s" in out and "backbone_only_img_s" in out:
         out["moco_overhead_pct"] = round(
             100 * (1 - out["fit_fp32_img_s"] / out["backbone_only_img_s"]), 2)
-    for mode, bound in (("fit_fp32", "conv_bound"), ("backbone_only", "conv_bound"),
-                        ("torch_eager", "torch_conv_bound"), ("torch_compile", "torch_conv_bound")):
-        if f"{mode}_img_s" in out and f"{bound}_img_s" in out:
-            out[f"{mode}_pct_of_conv_bound"] = round(
-                100 * out[f"{mode}_img_s"] / out[f"{bound}_img_s"], 1)
     if "fit_bf16_img_s" in out and "backbone_only_bf16_img_s" in out:
         out["moco_overhead_bf16_pct"] = round(
             100 * (1 - out["fit_bf16_img_s"] / out["backbone_only_bf16_img_s"]), 2)
@@ -554,8 +402,8 @@ def run(argv=None):
     if args.child:
         return measure(args.child, args)
     modes = args.modes.split(",") if args.modes else list(TF_MODES)
-    if not args.modes:  # after fit_fp32: the torch reference, then both conv bounds
-        modes[1:1] = TORCH_MODES + BOUND_MODES if args.compare_torch else BOUND_MODES[:1]
+    if not args.modes and args.compare_torch:  # the reference right after our fp32 step
+        modes[1:1] = TORCH_MODES
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise SystemExit(f"unknown modes {unknown}; choose from {list(MODES)}")

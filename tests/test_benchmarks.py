@@ -78,35 +78,6 @@ def test_bare_step_trains_query_encoder_only():
     np.testing.assert_array_equal(model.queue.numpy(), queue0)  # no enqueue
 
 
-def test_conv_bound_counts_two_forwards_one_backward_and_no_image_gradient():
-    times = {"a": (1.0, 10.0, 100.0), "b": (1000.0, 10000.0, 100000.0)}
-    calls = []
-
-    def time_kernels(shape):
-        calls.append(shape)
-        return times[shape]
-
-    # The first conv takes the image: forward x2 (query, key) + filter gradient only.
-    total = step.bound_step_seconds([("a", False), ("b", True), ("b", True)], time_kernels)
-    assert total == (2 * 1 + 100) + 2 * (2 * 1000 + 10000 + 100000)
-    assert calls == ["a", "b"]  # each distinct shape timed once
-
-
-def test_conv_bound_of_our_model_and_share_reached():
-    out = step.run(TINY + ["--in-process", "--modes", "fit_fp32,conv_bound"])
-    bound = out["modes"]["conv_bound"][0]
-    args = step.parse_args(TINY)
-    from moco_tf import train_lib
-
-    convs = step.tf_conv_shapes(train_lib.build_model(step.moco_config(args)))
-    assert bound["convs"] == len(convs) >= 2 and not convs[0][1] and convs[1][1]
-    h, w, c_in, *_ = convs[0][0]
-    assert c_in == 3 and h >= 8 and w >= 8  # the stem sees the (padded) RGB image
-    assert _positive(out["conv_bound_img_s"])
-    assert out["fit_fp32_pct_of_conv_bound"] == pytest.approx(
-        100 * out["fit_fp32_img_s"] / out["conv_bound_img_s"], abs=0.05)
-
-
 def test_profile_sums_the_traced_ops_by_family(tmp_path):
     assert profile_step.family("_MklNativeConv2DBackpropFilter") == "conv_backward_filter"
     assert profile_step.family("_MklNativePadWithConv2D") == "conv_forward"
@@ -124,7 +95,7 @@ def test_profile_sums_the_traced_ops_by_family(tmp_path):
 
 
 def test_step_cli_child_processes_and_torch_ratios():
-    modes = "fit_fp32,torch_eager,torch_conv_bound" if _has_torch() else "fit_fp32"
+    modes = "fit_fp32,torch_eager" if _has_torch() else "fit_fp32"
     proc = subprocess.run(
         [sys.executable, "benchmarks/step.py", *TINY, "--modes", modes, "--torch-threads", "1"],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -141,11 +112,6 @@ def test_step_cli_child_processes_and_torch_ratios():
             out["fit_fp32_img_s"] / out["torch_eager_img_s"], rel=1e-3)
         assert eager["pass"] == (eager["value"] >= 2.0)
         assert out["torch_peak_memory_mb"] == out["torch_eager_peak_rss_mb"]
-        # The reference's ResNet-18 with the CIFAR stem: 20 convs, the stem's on the RGB image.
-        bound = out["modes"]["torch_conv_bound"][0]
-        assert bound["convs"] == 20 and _positive(out["torch_conv_bound_img_s"])
-        assert out["torch_eager_pct_of_conv_bound"] == pytest.approx(
-            100 * out["torch_eager_img_s"] / out["torch_conv_bound_img_s"], abs=0.05)
 
 
 def test_targets_from_given_numbers():

@@ -1,8 +1,12 @@
 """The experiment scripts run end to end at a tiny size: the momentum study resumes a half-done
 study, times the methods for the equal-time table and writes its table and plots; the quickstart
-sweep applies each variant's overrides, skips finished runs and writes its table and plot."""
+sweep applies each variant's overrides, skips finished runs and writes its table and plot; the
+convolution bound counts the kernels a step runs."""
 
+import argparse
+import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,6 +14,9 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from experiments import conv_bound  # noqa: E402
 
 
 def script(name, *args):
@@ -84,3 +91,43 @@ def test_quickstart_sweep_applies_overrides_skips_finished_runs_and_reports(tmp_
     table = (tmp_path / "sweep.md").read_text()
     assert "| T 0.2 | 0 | 2 |" in table and "| quickstart (MoCo v2) | 0 | 2 |" in table
     assert (tmp_path / "knn.png").stat().st_size > 1000
+
+
+def test_conv_bound_counts_two_forwards_one_backward_and_no_image_gradient():
+    times = {"a": (1.0, 10.0, 100.0), "b": (1000.0, 10000.0, 100000.0)}
+    calls = []
+
+    def time_kernels(shape):
+        calls.append(shape)
+        return times[shape]
+
+    # The first conv takes the image: forward x2 (query, key) + filter gradient only.
+    total = conv_bound.bound_step_seconds([("a", False), ("b", True), ("b", True)], time_kernels)
+    assert total == (2 * 1 + 100) + 2 * (2 * 1000 + 10000 + 100000)
+    assert calls == ["a", "b"]  # each distinct shape timed once
+
+
+def test_conv_bound_of_both_frameworks_and_the_share_a_step_reaches(tmp_path):
+    from moco_tf import train_lib
+
+    tiny = ["--size", "8", "--batch", "8", "--queue", "64", "--backbone", "small_cnn"]
+    has_torch = importlib.util.find_spec("torchvision") is not None
+    step_json = tmp_path / "step.json"
+    step_json.write_text(json.dumps({"fit_fp32_img_s": 10.0, "torch_eager_img_s": 5.0}))
+    out = conv_bound.run(tiny + ["--repeats", "2", f"--step-json={step_json}", "--frameworks",
+                                 "tf,torch" if has_torch else "tf", "--torch-threads", "1"])
+    args = conv_bound.step.add_step_args(argparse.ArgumentParser()).parse_args(tiny)
+    convs = conv_bound.tf_conv_shapes(train_lib.build_model(conv_bound.step.moco_config(args)))
+    bound = out["tf_conv_bound"]
+    assert bound["convs"] == len(convs) >= 2 and not convs[0][1] and convs[1][1]
+    h, w, c_in, *_ = convs[0][0]
+    assert c_in == 3 and h >= 8 and w >= 8  # the stem sees the (padded) RGB image
+    assert math.isfinite(bound["img_s"]) and bound["img_s"] > 0
+    assert bound["fit_fp32_pct_of_bound"] == pytest.approx(100 * 10.0 / bound["img_s"], abs=0.05)
+    assert "backbone_only_pct_of_bound" not in bound  # not in the step JSON
+    if has_torch:
+        # The reference's ResNet-18 with the CIFAR stem: 20 convs, the stem's on the RGB image.
+        torch_bound = out["torch_conv_bound"]
+        assert torch_bound["convs"] == 20 and torch_bound["img_s"] > 0
+        assert torch_bound["torch_eager_pct_of_bound"] == pytest.approx(
+            100 * 5.0 / torch_bound["img_s"], abs=0.05)
