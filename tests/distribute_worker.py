@@ -167,6 +167,39 @@ def replicas_main(path):
     np.savez(path, **out)
 
 
+def vit_main(path):
+    """MoCo v3 with a ViT, one step sequence on 2 replicas and on one device from the same weights:
+    LayerNorm in the backbone, SyncBN in the heads and keys gathered over the replicas make them
+    the same computation (a separate process: a second MirroredStrategy in one process mixes up
+    collective keys)."""
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+
+    from configs import moco_v3
+    from moco_tf import distribute, train_lib
+
+    strategy = distribute.create_strategy("mirrored")
+    keras.utils.set_random_seed(0)
+    c = moco_v3.get_config("vit_runlocal")
+    c.data.image_size, c.model.patch_size = 16, 8  # 4 tokens
+    c.train.batch_size, c.train.lr_schedule, c.train.verbose = GLOBAL_BATCH, "constant", 0
+    c.train.base_learning_rate = 1e-2  # large enough for the steps to move the weights
+    with strategy.scope():
+        multi = train_lib.build_model(c)
+    single = train_lib.build_model(c)
+    single.set_weights(multi.get_weights())
+    rng = np.random.default_rng(2)
+    shape = (STEPS * GLOBAL_BATCH, 16, 16, c.data.channels)
+    views = {f"view{i}": rng.uniform(size=shape).astype("float32") for i in (1, 2)}
+    ds = tf.data.Dataset.from_tensor_slices(views).batch(GLOBAL_BATCH)
+    out = {"initial": np.concatenate([w.ravel() for w in single.get_weights()])}
+    for tag, model in (("multi", multi), ("single", single)):
+        out[f"{tag}_loss"] = fit_steps(model, ds)
+        out[tag] = np.concatenate([w.ravel() for w in model.get_weights()])
+    np.savez(path, **out)
+
+
 def records_main(path):
     """train_and_evaluate on an image folder under a 2-replica MirroredStrategy: every replica
     gets per-replica batches from `distribute_datasets_from_function`, augmented on the device.
@@ -214,5 +247,5 @@ def multi_worker_main(out_dir):
 
 if __name__ == "__main__":
     mode, target = sys.argv[1], sys.argv[2]
-    {"replicas": replicas_main, "records": records_main,
+    {"replicas": replicas_main, "records": records_main, "vit": vit_main,
      "multi_worker": multi_worker_main}[mode](target)

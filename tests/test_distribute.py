@@ -189,6 +189,23 @@ def test_shuffle_bn_two_replicas_equals_split_bn_on_one_device(two_replicas):
     assert _compare(two_replicas, "split", skip=("moving_",)) > 10
 
 
+def test_moco_v3_vit_two_replicas_equals_one_device(tmp_path):
+    """A ViT has no BN in the backbone; with SyncBN in the heads and the keys of both replicas
+    as negatives, MoCo v3's step on 2 replicas is the one-device step: losses and every weight
+    (both encoders, predictor, AdamW's update) agree."""
+    path = str(tmp_path / "vit.npz")
+    _run(["vit", path])
+    r = dict(np.load(path))
+    np.testing.assert_allclose(r["multi_loss"], r["single_loss"], atol=1e-5)
+    moved = np.abs(r["single"] - r["initial"])
+    assert moved.mean() > 1e-3  # the steps moved the weights (lr 1e-2)
+    # Adam divides each gradient by its own running size, so a weight whose gradient is at the
+    # rounding level (the all-reduce sums in another order) may take a differently-rounded step:
+    # a few weights differ by ~1% of one step, the rest agree to float32 precision.
+    diff = np.abs(r["multi"] - r["single"])
+    assert diff.max() < 2e-4 and np.mean(diff > 1e-5) < 1e-3
+
+
 # --- two worker processes (MultiWorkerMirroredStrategy) ----------------------------------------
 
 
