@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,11 +53,12 @@ def test_momentum_study_smoke_resumes_and_reports(tmp_path):
         # One value per block: the stem, 8 ResNet-18 blocks and the projector output.
         assert s["blocks"][0] == "relu" and s["blocks"][-1] == "projector"
         assert len(s["fluctuation_cv"]) == len(s["blocks"]) == 10
-        assert all(v["mean"] >= 0 for v in s["fluctuation_cv"] + s["fluctuation_rel_change"])
+        assert all(v["mean"] >= 0 for key in ("fluctuation_cv", "fluctuation_detrended_cv",
+                                              "fluctuation_rel_change") for v in s[key])
     runs = results["runs"]["EMA from layer4"]
     assert {r["seed"] for r in runs} == {0, 1} and runs[0]["method"] == "EMA from layer4"
     assert "| MoCo v2 (n=2) |" in (tmp_path / "results.md").read_text()
-    for png in ("knn.png", "fluctuation.png", "fluctuation_rel_change.png"):
+    for png in ("knn.png", "fluctuation.png"):
         assert (tmp_path / png).stat().st_size > 1000
 
     # Without step timings the equal-time table falls back to the runs' own wall times.
@@ -71,6 +73,25 @@ def test_momentum_study_smoke_resumes_and_reports(tmp_path):
                                          "timed_idle": True}  # 2 epochs x 4 steps
     assert budget == min(s["equal_time_basis"]["seconds"] for s in results["summary"].values())
     assert "measured by `--time` on an idle machine" in (tmp_path / "results.md").read_text()
+
+
+def test_fluctuation_measures_separate_drift_from_jitter():
+    sys.argv = sys.argv[:1]  # the study's absl flags are parsed lazily; none are needed here
+    from experiments import momentum_study
+
+    steps = np.arange(20.0)
+    drift = 1.0 + 0.1 * steps  # a norm that only grows: no fluctuation around its trend
+    jitter = 2.0 + 0.2 * (-1.0) ** steps  # a flat norm alternating +-10%
+    run = {"probes": [{"norm": [d, j], "rel_change": [0.5, 0.25]} for d, j in zip(drift, jitter)]}
+    cv, detrended, rel = momentum_study.fluctuation(run)
+    assert cv[0] == pytest.approx(drift.std() / drift.mean()) and cv[0] > 0.2
+    assert detrended[0] == pytest.approx(0.0, abs=1e-12)
+    # Around a 5-probe moving average (2 +- 0.04), the alternating norm is off by 0.16 in
+    # absolute value: 8% of its mean.
+    assert detrended[1] == pytest.approx(0.16 / 2.0, rel=1e-6)
+    assert rel == [0.5, 0.25]
+    short = {"probes": run["probes"][:2]}  # fewer probes than the window: no error
+    assert momentum_study.fluctuation(short)[1] == [0.0, 0.0]
 
 
 @pytest.mark.slow
