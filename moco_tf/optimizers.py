@@ -25,9 +25,10 @@ class SGD(keras.optimizers.Optimizer):
     """
 
     def __init__(self, learning_rate=0.03, momentum=0.9, weight_decay=0.0, name="sgd", **kwargs):
-        # Weight decay is part of the gradient here, not Keras' decoupled decay.
+        # Weight decay is part of the gradient here, not Keras' decoupled decay (whose
+        # `weight_decay` attribute the base class owns, hence the different name).
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
-        self.momentum, self.sgd_weight_decay = momentum, weight_decay
+        self.momentum, self.l2 = momentum, weight_decay
 
     def build(self, variables):
         if self.built:
@@ -35,11 +36,13 @@ class SGD(keras.optimizers.Optimizer):
         super().build(variables)
         self.momentums = self.add_optimizer_variables(variables, "momentum")
 
+    def direction(self, g, variable):
+        """The gradient the momentum buffer accumulates: here plus the L2 term."""
+        return g + self.l2 * variable if self.l2 else g
+
     def update_step(self, gradient, variable, learning_rate):
         lr = ops.cast(learning_rate, variable.dtype)
-        g = ops.cast(gradient, variable.dtype)
-        if self.sgd_weight_decay:
-            g = g + self.sgd_weight_decay * variable
+        g = self.direction(ops.cast(gradient, variable.dtype), variable)
         if self.momentum:
             v = self.momentums[self._get_variable_index(variable)]
             self.assign(v, v * self.momentum + g)
@@ -47,13 +50,13 @@ class SGD(keras.optimizers.Optimizer):
         self.assign_sub(variable, lr * g)
 
     def get_config(self):
-        return {**super().get_config(), "momentum": self.momentum,
-                "weight_decay": self.sgd_weight_decay}
+        return {**super().get_config(), "momentum": self.momentum, "weight_decay": self.l2}
 
 
 @keras.saving.register_keras_serializable(package="moco_tf")
-class LARS(keras.optimizers.Optimizer):
-    """Layer-wise Adaptive Rate Scaling (You et al. 2017) as used by MoCo v3.
+class LARS(SGD):
+    """Layer-wise Adaptive Rate Scaling (You et al. 2017) as used by MoCo v3: `SGD` whose
+    gradient of each weight matrix/kernel gets the L2 term and then the trust ratio.
 
     Args:
       learning_rate: float or schedule (MoCo v3: 0.3 * batch_size / 256 after warm-up).
@@ -64,35 +67,18 @@ class LARS(keras.optimizers.Optimizer):
 
     def __init__(self, learning_rate=0.3, momentum=0.9, weight_decay=0.0,
                  trust_coefficient=0.001, name="lars", **kwargs):
-        # Weight decay is part of the LARS update, not Keras' decoupled decay.
-        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
-        self.momentum, self.lars_weight_decay = momentum, weight_decay
+        super().__init__(learning_rate, momentum, weight_decay, name=name, **kwargs)
         self.trust_coefficient = trust_coefficient
 
-    def build(self, variables):
-        if self.built:
-            return
-        super().build(variables)
-        self.momentums = self.add_optimizer_variables(variables, "momentum")
-
-    def update_step(self, gradient, variable, learning_rate):
-        lr = ops.cast(learning_rate, variable.dtype)
-        g = ops.cast(gradient, variable.dtype)
-        if len(variable.shape) > 1:
-            g = g + self.lars_weight_decay * variable
-            w_norm, g_norm = ops.norm(ops.reshape(variable, [-1])), ops.norm(ops.reshape(g, [-1]))
-            ratio = ops.where(
-                w_norm > 0, ops.where(g_norm > 0, self.trust_coefficient * w_norm / g_norm, 1.0), 1.0
-            )
-            g = g * ratio
-        mu = self.momentums[self._get_variable_index(variable)]
-        self.assign(mu, mu * self.momentum + g)
-        self.assign_sub(variable, lr * mu)
+    def direction(self, g, variable):
+        if len(variable.shape) <= 1:  # biases and BN parameters: neither decay nor scaling
+            return g
+        g = g + self.l2 * variable
+        w_norm, g_norm = ops.norm(ops.reshape(variable, [-1])), ops.norm(ops.reshape(g, [-1]))
+        ratio = ops.where(
+            w_norm > 0, ops.where(g_norm > 0, self.trust_coefficient * w_norm / g_norm, 1.0), 1.0
+        )
+        return g * ratio
 
     def get_config(self):
-        return {
-            **super().get_config(),
-            "momentum": self.momentum,
-            "weight_decay": self.lars_weight_decay,
-            "trust_coefficient": self.trust_coefficient,
-        }
+        return {**super().get_config(), "trust_coefficient": self.trust_coefficient}

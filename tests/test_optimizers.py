@@ -36,7 +36,7 @@ def test_sgd_without_momentum_and_config_round_trip():
         [(np.array([1.0, 1.0], "float32"), w)])
     np.testing.assert_allclose(w.numpy(), [1.0 - 0.5 * 1.2, 2.0 - 0.5 * 1.4], rtol=1e-6)
     again = SGD.from_config(SGD(0.03, momentum=0.8, weight_decay=1e-4).get_config())
-    assert (again.momentum, again.sgd_weight_decay) == (0.8, pytest.approx(1e-4))
+    assert (again.momentum, again.l2) == (0.8, pytest.approx(1e-4))
 
 
 def test_lars_matches_a_hand_computation_and_excludes_vectors():
@@ -65,5 +65,5 @@ def test_lars_zero_weights_use_a_trust_ratio_of_one():
 def test_lars_config_round_trip():
     opt = LARS(learning_rate=0.5, momentum=0.8, weight_decay=1e-6, trust_coefficient=0.002)
     again = LARS.from_config(opt.get_config())
-    assert again.lars_weight_decay == pytest.approx(1e-6)
+    assert again.l2 == pytest.approx(1e-6)
     assert (again.momentum, again.trust_coefficient) == (0.8, 0.002)
