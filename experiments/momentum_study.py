@@ -286,6 +286,8 @@ def summarize(runs):
         s["blocks"] = rs[0]["blocks"]
         for key, per_run in zip(MEASURES, zip(*[fluctuation(r) for r in rs])):
             s[key] = [stat(v) for v in zip(*per_run)]  # per block: mean, std over seeds
+            # Claim (3) in one number: > 1 when the output end fluctuates more than the input end.
+            s[key + "_out_over_in"] = stat([f[-1] / max(f[0], 1e-12) for f in per_run])
         summary[name] = s
     # Equal wall time: every run's kNN curve read at the cheapest method's whole training time.
     # Training times are steps x the step time `--time` measured for all methods on one idle
@@ -330,10 +332,28 @@ def write_report(runs):
               "method's whole budget), linearly between epochs. Training time = steps x "
               + ("the step time measured by `--time` on an idle machine." if timed else
                  "(no `--time` measurements) the runs' own, possibly contended, wall time.")]
+    lines += fluctuation_tables(summary)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(summary, out)
+
+
+def fluctuation_tables(summary):
+    """One Markdown table per MEASURES entry: methods x blocks (means over seeds), and the
+    output-over-input ratio with its spread."""
+    blocks = next(iter(summary.values()))["blocks"]
+    short = [b.replace("layer", "l").replace(".out", "") for b in blocks]
+    lines = []
+    for key, label in MEASURES.items():
+        lines += ["", f"{label} (per block, input -> output; mean over seeds):", "",
+                  "| method | " + " | ".join(short) + f" | {short[-1]} / {short[0]} |",
+                  "|---" * (len(blocks) + 2) + "|"]
+        for name, s in summary.items():
+            ratio = s[key + "_out_over_in"]
+            lines.append(f"| {name} | " + " | ".join(f"{v['mean']:.3f}" for v in s[key])
+                         + f" | {ratio['mean']:.2f} ± {ratio['std']:.2f} |")
+    return lines
 
 
 def plot(summary, out):

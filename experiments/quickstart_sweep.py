@@ -10,6 +10,7 @@ quickstart's epochs differ only by the schedule's length.
   python experiments/quickstart_sweep.py --out=runs/sweep --epochs=5 --parallel=2   # pilots
   python experiments/quickstart_sweep.py --out=runs/sweep --variants="symmetric,SimCLR + projector EMA"
   python experiments/quickstart_sweep.py --out=runs/sweep --report    # sweep.json/.md, knn.png
+  python experiments/quickstart_sweep.py --curve=runs/fashion_mnist    # one train.py run's knn.png
 
 Wall times are only comparable between runs made on equally idle machines: the report quotes
 them, and the accuracy columns are what the sweep compares.
@@ -31,7 +32,7 @@ from experiments import common  # noqa: E402
 _SYMMETRIC_EMA = {"moco.negatives": "both_views", "moco.symmetric": True}
 VARIANTS = {  # name -> overrides of configs/fashion_mnist.py (flattened config paths)
     "quickstart (MoCo v2)": {},
-    "crop 0.5-1": {"data.crop_scale": (0.5, 1.0)},
+    "crop 0.3-1": {"data.crop_scale": (0.3, 1.0)},  # the quickstart of version 0.2.0
     "crop 0.2-1": {"data.crop_scale": (0.2, 1.0)},
     "T 0.2": {"moco.temperature": 0.2},
     "K 16384": {"moco.queue_size": 16384},
@@ -55,6 +56,8 @@ _LINEAR_EPOCHS = flags.DEFINE_integer("linear_epochs", 0, "Linear evaluation epo
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs at a time (each in its own process).")
 _REPORT = flags.DEFINE_bool("report", False, "Only write the report from finished runs.")
 _SMALL = flags.DEFINE_bool("small", False, "Tiny synthetic runs (to check the script).")
+_CURVE = flags.DEFINE_string("curve", "", "Only plot a finished train.py workdir's kNN curve "
+                             "(its results.json) to <workdir>/knn.png.")
 _RUN = flags.DEFINE_string("run", "", "Internal: 'variant|seed' to run in this process.")
 
 
@@ -139,7 +142,7 @@ def plot(runs, path):
     for r in runs:
         epochs = [e["epoch"] for e in r["knn_per_epoch"]]
         line, = ax.plot(epochs, [100 * e["k200"] for e in r["knn_per_epoch"]], marker="o",
-                        label=f"{r['variant']} (seed {r['seed']})")
+                        label=r["variant"] + ("" if r["seed"] is None else f" (seed {r['seed']})"))
         ax.plot(epochs, [100 * e["k20"] for e in r["knn_per_epoch"]], ls="--",
                 color=line.get_color())
     ax.set(xlabel="epoch", ylabel="kNN top-1 (%)  — k=200 solid, k=20 dashed",
@@ -156,6 +159,11 @@ def main(argv):
     unknown = [v for v in _VARIANTS.value if v not in VARIANTS]
     if unknown:
         raise app.UsageError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    if _CURVE.value:
+        with open(os.path.join(_CURVE.value, "results.json")) as f:
+            run = json.load(f)
+        name = os.path.basename(os.path.normpath(_CURVE.value))
+        return plot([{**run, "variant": name, "seed": None}], os.path.join(_CURVE.value, "knn.png"))
     os.makedirs(_OUT.value, exist_ok=True)
     if _RUN.value:
         name, seed = _RUN.value.split("|")

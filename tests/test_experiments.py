@@ -112,6 +112,10 @@ def test_quickstart_sweep_applies_overrides_skips_finished_runs_and_reports(tmp_
     table = (tmp_path / "sweep.md").read_text()
     assert "| T 0.2 | 0 | 2 |" in table and "| quickstart (MoCo v2) | 0 | 2 |" in table
     assert (tmp_path / "knn.png").stat().st_size > 1000
+    # --curve plots one finished run (a train.py workdir) next to its results.json.
+    workdir = tmp_path / "runs" / "t_0.2" / "seed0"
+    script("quickstart_sweep.py", f"--curve={workdir}")
+    assert (workdir / "knn.png").stat().st_size > 1000
 
 
 def test_conv_bound_counts_two_forwards_one_backward_and_no_image_gradient():
