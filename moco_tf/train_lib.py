@@ -201,7 +201,7 @@ def train_and_evaluate(config, workdir, callbacks=()):
 
     Resumes by itself: if `<workdir>/checkpoints` holds a checkpoint, training continues from its
     step exactly as if it had not stopped (see `moco_tf.checkpoint`). Writes `<workdir>/steps.jsonl`
-    (one line per step), `tensorboard/` (with the embedding projector of test-set features when
+    (one line per step), `knn.jsonl` (one per kNN evaluation), `tensorboard/` (with the embedding projector of test-set features when
     `eval.export`), `export/` and `results.json`.
 
     Before building anything it validates the config and checks its data paths (`ConfigError`),
@@ -273,8 +273,9 @@ def _train_and_evaluate(config, workdir, extra_callbacks, cleanup):
         monitor = knn.KNNMonitor(
             bank, test, config.data.num_classes, every_n_epochs=config.eval.knn_every_epochs,
             ks=tuple(config.eval.knn_ks), temperature=config.eval.knn_temperature,
-            stop_on_error=False,
+            stop_on_error=False, history_path=os.path.join(workdir, "knn.jsonl"),
         )
+        monitor.restore_history(start_step // epoch_steps)  # a resumed run keeps its curve
         callbacks.append(monitor)
     callbacks += list(extra_callbacks)
     sample = next(iter(data_lib.train_dataset(config.data, min(batch, 8), config.seed)))
@@ -306,8 +307,9 @@ def _train_and_evaluate(config, workdir, extra_callbacks, cleanup):
         results["skipped_images"] = len(image_folder.skipped_files(config.data.data_dir))
     if monitor is not None:
         ks = tuple(config.eval.knn_ks)
-        if not monitor.history and not monitor.errors:  # nothing left to train: evaluate the
-            monitor.set_model(model)                     # restored weights
+        evaluated = monitor.history and monitor.history[-1][0] == config.train.epochs
+        if not evaluated and not monitor.errors:  # nothing left to train: evaluate the
+            monitor.set_model(model)              # restored weights
             monitor.record(config.train.epochs)
         if monitor.history and monitor.history[-1][0] == config.train.epochs:
             last = monitor.history[-1][1]

@@ -208,7 +208,7 @@ def test_skipping_batches_gives_the_batches_of_an_uninterrupted_pipeline():
             np.testing.assert_array_equal(batch["view2"], straight[start + i]["view2"])
 
 
-def test_rerunning_a_finished_run_evaluates_the_restored_model_without_training(tmp_path):
+def finished_tiny_run(workdir):
     c = synthetic.get_config()
     c.data.synthetic_examples = 64
     c.moco.queue_size = 32
@@ -217,12 +217,34 @@ def test_rerunning_a_finished_run_evaluates_the_restored_model_without_training(
     c.train.verbose = 0
     c.eval.knn_ks = (5,)
     c.eval.batch_size = 32
+    return c, train_lib.train_and_evaluate(c, workdir)[1]
+
+
+def test_rerunning_a_finished_run_reports_it_without_training(tmp_path):
     workdir = str(tmp_path)
-    _, first = train_lib.train_and_evaluate(c, workdir)
+    c, first = finished_tiny_run(workdir)
     _, again = train_lib.train_and_evaluate(c, workdir)
     assert first["resumed_from_step"] == 0 and again["resumed_from_step"] == 6
     assert again["loss_per_epoch"] == first["loss_per_epoch"]  # from the step log, not re-run
-    assert again["knn_top1"] == first["knn_top1"]  # the same (restored) weights
+    assert again["knn_per_epoch"] == first["knn_per_epoch"]  # from knn.jsonl
+    assert again["knn_top1"] == first["knn_top1"]
     projector_dir = os.path.join(workdir, "tensorboard", "projector")
     assert first["projector_examples"] == 16  # the synthetic test split
     assert os.path.isfile(os.path.join(projector_dir, "projector_config.pbtxt"))
+
+
+def test_a_resumed_run_keeps_the_knn_curve_of_the_epochs_before_the_resume(tmp_path):
+    workdir = str(tmp_path)
+    c, first = finished_tiny_run(workdir)
+    assert [e["epoch"] for e in first["knn_per_epoch"]] == [1, 2]
+    # As if killed during epoch 2 after its kNN: only the epoch-1 checkpoint is left.
+    ckpt_dir = os.path.join(workdir, train_lib.CHECKPOINT_DIR)
+    for name in os.listdir(ckpt_dir):
+        if name.startswith("ckpt-6") or name == "checkpoint":
+            os.remove(os.path.join(ckpt_dir, name))
+    _, resumed = train_lib.train_and_evaluate(c, workdir)
+    assert resumed["resumed_from_step"] == 3
+    # Epoch 1 from the log, epoch 2 evaluated again on identical weights: the same curve, once.
+    assert resumed["knn_per_epoch"] == first["knn_per_epoch"]
+    with open(os.path.join(workdir, "knn.jsonl")) as f:
+        assert [json.loads(line)["epoch"] for line in f] == [1, 2]

@@ -7,6 +7,7 @@ exp(sim / T). Defaults k=200, T=0.1 follow those references; k=20 comes from the
 """
 from __future__ import annotations
 
+import json
 from typing import Callable, Dict, List, Sequence, Tuple, Union
 
 import keras
@@ -219,6 +220,8 @@ class KNNMonitor(keras.callbacks.Callback):
       verbose: print one line per evaluation.
       stop_on_error: False: an evaluation that fails (out of memory, a bad image in the bank) is
         logged and recorded in `self.errors` as `(epoch, message)`, and training goes on.
+      history_path: a JSON-lines file every evaluation is appended to, so that a resumed run
+        keeps the curve of the epochs before it (see `restore_history`).
     """
 
     def __init__(
@@ -231,6 +234,7 @@ class KNNMonitor(keras.callbacks.Callback):
         temperature: float = 0.1,
         verbose: int = 1,
         stop_on_error: bool = True,
+        history_path: str | None = None,
     ):
         super().__init__()
         if every_n_epochs < 1:
@@ -247,7 +251,21 @@ class KNNMonitor(keras.callbacks.Callback):
         self.history: List[Tuple[int, Dict[int, float]]] = []
         self.errors: List[Tuple[int, str]] = []
         self.stop_on_error = bool(stop_on_error)
+        self.history_path = history_path
         self._features = None
+
+    def restore_history(self, last_epoch: int):
+        """Takes `history` from `history_path` up to (1-based) `last_epoch`, the epochs the
+        restored weights have finished, and drops later lines (a killed run's evaluations that the
+        resumed one repeats)."""
+        if not self.history_path or not tf.io.gfile.exists(self.history_path):
+            return
+        with tf.io.gfile.GFile(self.history_path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        records = [r for r in records if r["epoch"] <= last_epoch]
+        self.history = [(r["epoch"], {k: r[f"k{k}"] for k in self.ks}) for r in records]
+        with tf.io.gfile.GFile(self.history_path, "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in records))
 
     def on_train_begin(self, logs=None):
         # Evaluate the *query* backbone (the one being trained), not the momentum copy.
@@ -291,6 +309,10 @@ class KNNMonitor(keras.callbacks.Callback):
                           message)
             return
         self.history.append((epoch, accuracies))
+        if self.history_path:
+            record = {"epoch": epoch, **{f"k{k}": float(a) for k, a in accuracies.items()}}
+            with tf.io.gfile.GFile(self.history_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
         if logs is not None:
             for i, k in enumerate(self.ks):
                 logs["knn_top1" if i == 0 else f"knn_top1_k{k}"] = accuracies[k]
