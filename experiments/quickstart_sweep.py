@@ -145,6 +145,11 @@ def plot(runs, path):
                         label=r["variant"] + ("" if r["seed"] is None else f" (seed {r['seed']})"))
         ax.plot(epochs, [100 * e["k20"] for e in r["knn_per_epoch"]], ls="--",
                 color=line.get_color())
+    pixels = runs[0].get("knn_top1_raw_pixels") if len(runs) == 1 else None
+    for k, ls in (("k200", "-"), ("k20", "--")):
+        if pixels:  # the baseline the features should beat
+            ax.axhline(100 * pixels[k], color="gray", ls=ls, lw=1,
+                       label="raw pixels" if k == "k200" else None)
     ax.set(xlabel="epoch", ylabel="kNN top-1 (%)  — k=200 solid, k=20 dashed",
            title="Fashion-MNIST test split")
     ax.grid(alpha=0.3)
