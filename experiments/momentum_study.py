@@ -14,7 +14,7 @@ Every method trains the quickstart's data, backbone, optimizer, batch and budget
 Each (method, seed) is one `train_and_evaluate` run in `--out/runs/<method>/seed<k>`, with kNN
 (k = 200, 20) after every epoch and a linear evaluation of its export. A run that was stopped
 resumes from its checkpoints; finished runs are skipped: rerunning the command finishes a
-half-done study. The report is `--out/results.json`, `results.md` and three plots.
+half-done study. Report: `--out/results.json`, `results.md`, `knn.png`, `fluctuation.png`.
 
 Per-block gradient fluctuation: every `--probe_every` steps the gradient of the method's own
 loss with respect to each block's output (view 1's forward) is computed on one fixed probe
@@ -317,7 +317,9 @@ def write_report(runs):
         json.dump({"summary": summary, "equal_time_budget_seconds": budget,
                    "runs": {n: [{k: v for k, v in r.items() if k != "probes"} for r in rs]
                             for n, rs in runs.items()}}, f, indent=2)
-    pct = lambda s: f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"  # noqa: E731
+    def pct(s):  # no spread to show from one seed
+        return f"{100 * s['mean']:.2f}" + (f" ± {100 * s['std']:.2f}" if s["n"] > 1 else "")
+
     lines = [f"Fashion-MNIST, {_EPOCHS.value} epochs, seeds {', '.join(_SEEDS.value)} "
              "(mean ± std over seeds).", "",
              "| method | kNN k=200 | kNN k=20 | linear | kNN k=200 at equal time | "
@@ -353,7 +355,8 @@ def fluctuation_tables(summary):
         for name, s in summary.items():
             ratio = s[key + "_out_over_in"]
             lines.append(f"| {name} | " + " | ".join(f"{v['mean']:.3f}" for v in s[key])
-                         + f" | {ratio['mean']:.2f} ± {ratio['std']:.2f} |")
+                         + f" | {ratio['mean']:.2f}"
+                         + (f" ± {ratio['std']:.2f} |" if ratio["n"] > 1 else " |"))
     return lines
 
 

@@ -31,8 +31,8 @@ from experiments import common  # noqa: E402
 
 _SYMMETRIC_EMA = {"moco.negatives": "both_views", "moco.symmetric": True}
 VARIANTS = {  # name -> overrides of configs/fashion_mnist.py (flattened config paths)
-    "quickstart (MoCo v2)": {},
-    "crop 0.3-1": {"data.crop_scale": (0.3, 1.0)},  # the quickstart of version 0.2.0
+    "quickstart": {},
+    "crop 0.5-1": {"data.crop_scale": (0.5, 1.0)},
     "crop 0.2-1": {"data.crop_scale": (0.2, 1.0)},
     "T 0.2": {"moco.temperature": 0.2},
     "K 16384": {"moco.queue_size": 16384},
