@@ -201,8 +201,8 @@ def train_and_evaluate(config, workdir, callbacks=()):
 
     Resumes by itself: if `<workdir>/checkpoints` holds a checkpoint, training continues from its
     step exactly as if it had not stopped (see `moco_tf.checkpoint`). Writes `<workdir>/steps.jsonl`
-    (one line per step), `knn.jsonl` (one per kNN evaluation), `tensorboard/` (with the embedding projector of test-set features when
-    `eval.export`), `export/` and `results.json`.
+    (one line per step), `knn.jsonl` (one per kNN evaluation), `tensorboard/` (with the embedding
+    projector of test-set features when `eval.export`), `export/` and `results.json`.
 
     Before building anything it validates the config and checks its data paths (`ConfigError`),
     and checks that the workdir is writable and locks it against a second run (`WorkdirError`).
