@@ -62,20 +62,26 @@ class StepLog(keras.callbacks.Callback):
             self._file = None
 
 
-def read_step_log(path: str) -> Dict[int, dict]:
-    """`{step: record}` from a `StepLog` file; the last record wins, torn lines are skipped."""
+def read_jsonl(path: str, key: str) -> Dict[int, dict]:
+    """`{record[key]: record}` from an append-only JSON-lines log that a resumed run may repeat
+    lines of: the last record wins; torn lines (a kill during a write) are skipped."""
     records = {}
-    if not os.path.exists(path):
+    if not tf.io.gfile.exists(path):
         return records
-    with open(path) as f:
+    with tf.io.gfile.GFile(path) as f:
         for line in f:
             try:
                 record = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(record, dict) and "step" in record:
-                records[int(record["step"])] = record
+            if isinstance(record, dict) and key in record:
+                records[int(record[key])] = record
     return records
+
+
+def read_step_log(path: str) -> Dict[int, dict]:
+    """`{step: record}` from a `StepLog` file (see `read_jsonl`)."""
+    return read_jsonl(path, "step")
 
 
 class NonFiniteError(RuntimeError):

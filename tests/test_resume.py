@@ -242,6 +242,8 @@ def test_a_resumed_run_keeps_the_knn_curve_of_the_epochs_before_the_resume(tmp_p
     for name in os.listdir(ckpt_dir):
         if name.startswith("ckpt-6") or name == "checkpoint":
             os.remove(os.path.join(ckpt_dir, name))
+    with open(os.path.join(workdir, "knn.jsonl"), "a") as f:
+        f.write('{"epoch": 3, "k5"')  # a line torn by the kill
     _, resumed = train_lib.train_and_evaluate(c, workdir)
     assert resumed["resumed_from_step"] == 3
     # Epoch 1 from the log, epoch 2 evaluated again on identical weights: the same curve, once.

@@ -15,6 +15,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from moco_tf import callbacks as callbacks_lib
+
 FeatureSource = Union[keras.Model, Callable[[tf.Tensor], tf.Tensor]]
 
 
@@ -258,11 +260,10 @@ class KNNMonitor(keras.callbacks.Callback):
         """Takes `history` from `history_path` up to (1-based) `last_epoch`, the epochs the
         restored weights have finished, and drops later lines (a killed run's evaluations that the
         resumed one repeats)."""
-        if not self.history_path or not tf.io.gfile.exists(self.history_path):
+        if not self.history_path:
             return
-        with tf.io.gfile.GFile(self.history_path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
-        records = [r for r in records if r["epoch"] <= last_epoch]
+        logged = callbacks_lib.read_jsonl(self.history_path, "epoch")  # torn lines skipped
+        records = [r for e, r in sorted(logged.items()) if e <= last_epoch]
         self.history = [(r["epoch"], {k: r[f"k{k}"] for k in self.ks}) for r in records]
         with tf.io.gfile.GFile(self.history_path, "w") as f:
             f.write("".join(json.dumps(r) + "\n" for r in records))
