@@ -152,10 +152,15 @@ def run_torch_child(name, images, args):
         cmd = [args.torch_python or sys.executable, os.path.abspath(__file__), "--child-torch", path,
                "--crop-scale", *map(str, DATASETS[name][2]), "--batch", str(args.batch),
                "--seconds", str(args.seconds), "--workers", str(args.workers)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        return _child_rate(cmd, f"torch {name}")
+
+
+def _child_rate(cmd, what):
+    """Runs a `--child-*` command; its last JSON line's `img_s`, or None if it failed."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
-        print(f"[pipeline.py] torch {name} failed: {proc.stderr[-2000:]}", file=sys.stderr)
+        print(f"[pipeline.py] {what} failed: {proc.stderr[-2000:]}", file=sys.stderr)
         return None
     return json.loads(lines[-1])["img_s"]
 
@@ -305,12 +310,7 @@ def run_torch_folder_child(folder, args):
     cmd = [args.torch_python or sys.executable, os.path.abspath(__file__), "--child-torch-folder",
            folder, "--batch", str(args.batch), "--seconds", str(args.seconds),
            "--workers", str(args.workers)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode or not lines:
-        print(f"[pipeline.py] torchvision failed: {proc.stderr[-2000:]}", file=sys.stderr)
-        return None
-    return json.loads(lines[-1])["img_s"]
+    return _child_rate(cmd, "torchvision")
 
 
 def photometric_ms_per_image(args):
