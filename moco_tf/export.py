@@ -12,6 +12,7 @@ import os
 from typing import Sequence
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 SAVED_MODEL_DIR = "saved_model"
@@ -82,10 +83,14 @@ def export_backbone(backbone: keras.Model, export_dir: str, *, image_shape: Sequ
 
 def plain_keras(backbone: keras.Model) -> keras.Model:
     """The same backbone built from Keras' own layers only, with the same weights and the same
-    inference outputs: `Standardize` becomes `Normalization(mean, variance=std**2)` and
-    `SplitBatchNorm` a `BatchNormalization` (they differ only in training). Loadable where
-    moco_tf is not installed."""
+    inference outputs: `Standardize` becomes `Normalization(mean, variance=std**2)`,
+    `SplitBatchNorm` a `BatchNormalization` (they differ only in training), the ViT's `Attention`
+    a `MultiHeadAttention` and its `ClassTokenAndPosition` a small graph of Keras layers.
+    Loadable where moco_tf is not installed."""
     from moco_tf.models.backbones import SplitBatchNorm, Standardize
+    from moco_tf.models.vit import Attention, ClassTokenAndPosition
+
+    rebuilt = {}  # layer name -> its replacement, built with its weights already set
 
     def clone(layer):
         if isinstance(layer, Standardize):
@@ -99,12 +104,63 @@ def plain_keras(backbone: keras.Model) -> keras.Model:
             config.pop("num_splits")
             config["synchronized"] = False
             return keras.layers.BatchNormalization.from_config(config)
+        if isinstance(layer, Attention):
+            rebuilt[layer.name] = _plain_attention(layer)
+            return rebuilt[layer.name]
+        if isinstance(layer, ClassTokenAndPosition):
+            rebuilt[layer.name] = _plain_class_token_and_position(layer)
+            return rebuilt[layer.name]
         return layer.__class__.from_config(layer.get_config())
 
     plain = keras.models.clone_model(backbone, clone_function=clone)
     for source, target in zip(backbone.layers, plain.layers):
-        if source.weights:
+        if source.weights and source.name not in rebuilt:
             target.set_weights(source.get_weights())
+    return plain
+
+
+def _plain_attention(layer) -> keras.Model:
+    """timm's `Attention` (one fused qkv kernel [D, 3D], columns ordered (q|k|v, head, d)) as
+    Keras' `MultiHeadAttention` (query = key = value), named `mha` inside a model of the
+    layer's name."""
+    dim, heads = layer.input.shape[-1], layer.num_heads
+    inputs = keras.Input(layer.input.shape[1:])
+    mha = keras.layers.MultiHeadAttention(heads, dim // heads, name="mha",
+                                          dtype=layer.dtype_policy)
+    plain = keras.Model(inputs, mha(inputs, inputs), name=layer.name)
+    qkv = np.asarray(layer.qkv_kernel).reshape(dim, 3, heads, dim // heads)
+    qkv_bias = np.asarray(layer.qkv_bias).reshape(3, heads, dim // heads)
+    mha.set_weights([qkv[:, 0], qkv_bias[0], qkv[:, 1], qkv_bias[1], qkv[:, 2], qkv_bias[2],
+                     np.asarray(layer.proj_kernel).reshape(heads, dim // heads, dim),
+                     np.asarray(layer.proj_bias)])
+    return plain
+
+
+def _plain_class_token_and_position(layer) -> keras.Model:
+    """`ClassTokenAndPosition` from Keras layers. Keras has no layer that only holds a weight, so
+    the class token is the bias of a Dense (`cls_token`, trainable) and the fixed position
+    embedding the bias [1 + N, D] of an EinsumDense (`pos_embed`, frozen), both applied to zeros
+    that frozen zero-kernel Dense layers make from the tokens: exact, and the class token
+    fine-tunes while the position embedding stays fixed, as in the original layer."""
+    tokens, dim = layer.input.shape[1:]
+    policy = layer.dtype_policy
+
+    def zeros(x, name):
+        return keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros", trainable=False,
+                                  name=name, dtype=policy)(x)
+
+    inputs = keras.Input((tokens, dim))
+    first = keras.layers.Cropping1D((0, tokens - 1), name="first_token", dtype=policy)(inputs)
+    cls_layer = keras.layers.Dense(dim, kernel_initializer="zeros", name="cls_token", dtype=policy)
+    x = keras.layers.Concatenate(axis=1, name="prepend", dtype=policy)(
+        [cls_layer(zeros(first, "zeros_1")), inputs])
+    pos_layer = keras.layers.EinsumDense("bti,ie->bte", output_shape=(tokens + 1, dim),
+                                         bias_axes="te", kernel_initializer="zeros",
+                                         trainable=False, name="pos_embed", dtype=policy)
+    x = keras.layers.Add(name="add", dtype=policy)([x, pos_layer(zeros(x, "zeros_n"))])
+    plain = keras.Model(inputs, x, name=layer.name)
+    cls_layer.bias.assign(np.asarray(layer.cls_token).reshape(dim))
+    pos_layer.bias.assign(np.asarray(layer.pos_embed)[0])
     return plain
 
 

@@ -152,12 +152,22 @@ _WITHOUT_MOCO_TF = textwrap.dedent("""
 """)
 
 
-def test_a_moco_tf_backbone_exports_to_plain_keras_that_loads_without_moco_tf(tmp_path):
+@pytest.mark.parametrize("arch", ["resnet18", "vit_tiny"])
+def test_a_moco_tf_backbone_exports_to_plain_keras_that_loads_without_moco_tf(arch, tmp_path):
     from moco_tf.models.backbones import build_backbone
 
-    backbone = build_backbone("resnet18", (16, 16, 3), cifar_stem=True, width=8, norm="split_bn",
-                              split_bn_groups=2, mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.25))
-    backbone(np.random.default_rng(0).uniform(size=(4, 16, 16, 3)), training=True)  # move BN stats
+    if arch == "resnet18":
+        backbone = build_backbone("resnet18", (16, 16, 3), cifar_stem=True, width=8,
+                                  norm="split_bn", split_bn_groups=2, mean=(0.4, 0.5, 0.6),
+                                  std=(0.2, 0.3, 0.25))
+        backbone(np.random.default_rng(0).uniform(size=(4, 16, 16, 3)), training=True)  # BN stats
+        custom = {"SplitBatchNorm", "Standardize"}
+    else:
+        backbone = build_backbone("vit_tiny", (16, 16, 3), patch_size=8, mean=(0.4, 0.5, 0.6),
+                                  std=(0.2, 0.3, 0.25))
+        embed = backbone.get_layer("embed")  # a class token far from its N(0, 1e-6) init
+        embed.cls_token.assign(np.random.default_rng(2).normal(size=embed.cls_token.shape))
+        custom = {"Attention", "ClassTokenAndPosition", "Standardize"}
     export.export_backbone(backbone, str(tmp_path / "export"), image_shape=(16, 16, 3))
     images = np.random.default_rng(1).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
     np.save(tmp_path / "images.npy", images)
@@ -169,7 +179,12 @@ def test_a_moco_tf_backbone_exports_to_plain_keras_that_loads_without_moco_tf(tm
     expected = backbone(images.astype(np.float32) / 255.0, training=False).numpy()
     np.testing.assert_allclose(out["keras"], expected, atol=1e-5)
     np.testing.assert_allclose(out["served"], expected, atol=1e-5)
-    assert "Normalization" in out["layers"] and "SplitBatchNorm" not in out["layers"]
+    assert "Normalization" in out["layers"] and not custom & set(out["layers"])
+    if arch == "vit_tiny":  # fine-tuning the export trains what training trained, no more
+        tuned = export.load_backbone(str(tmp_path / "export"), trainable=True)
+        paths = [w.path for w in tuned.trainable_weights]
+        assert any("cls_token/bias" in p for p in paths)
+        assert not any("pos_embed" in p or "patch_embed" in p or "zeros" in p for p in paths)
 
 
 def test_model_save_stores_each_weight_once_and_loads_back(tmp_path):
