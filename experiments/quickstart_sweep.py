@@ -45,6 +45,8 @@ VARIANTS = {  # name -> overrides of configs/fashion_mnist.py (flattened config 
     "symmetric": {"moco.symmetric": True},
     "SimCLR": {"moco.momentum_scope": "none", **_SYMMETRIC_EMA},
     "SimCLR + projector EMA": {"moco.momentum_scope": "projector", **_SYMMETRIC_EMA},
+    "SimCLR + EMA from layer4": {"moco.momentum_scope": "from:layer4", **_SYMMETRIC_EMA},
+    "SimCLR + EMA from layer3": {"moco.momentum_scope": "from:layer3", **_SYMMETRIC_EMA},
 }
 
 _OUT = flags.DEFINE_string("out", "runs/quickstart_sweep", "Output folder.")
