@@ -164,6 +164,23 @@ def _plain_class_token_and_position(layer) -> keras.Model:
     return plain
 
 
+def replaced_variables(layer) -> list | None:
+    """The inverse of `_plain_attention` and `_plain_class_token_and_position`: the
+    `(variable name, value)` pairs of the layer that the plain-Keras `layer` replaces, in that
+    layer's layout (`qkv_kernel`, ... / `cls_token`, `pos_embed`); None for any other layer."""
+    parts = {sub.name: sub for sub in getattr(layer, "layers", [])}
+    if "mha" in parts:
+        qk, qb, kk, kb, vk, vb, ok, ob = (np.asarray(w) for w in parts["mha"].weights)
+        dim = qk.shape[0]
+        return [("qkv_kernel", np.concatenate([w.reshape(dim, dim) for w in (qk, kk, vk)], 1)),
+                ("qkv_bias", np.concatenate([qb.ravel(), kb.ravel(), vb.ravel()])),
+                ("proj_kernel", ok.reshape(dim, dim)), ("proj_bias", ob)]
+    if "cls_token" in parts and "pos_embed" in parts:
+        return [("cls_token", np.asarray(parts["cls_token"].bias)[None, None]),
+                ("pos_embed", np.asarray(parts["pos_embed"].bias)[None])]
+    return None
+
+
 def load_backbone(path: str, trainable: bool = False) -> keras.Model:
     """Loads the `.keras` backbone from an export dir (or the `.keras` file itself).
 

@@ -9,11 +9,13 @@ Our layers carry the torch module names (torchvision's ResNet, timm's ViT, the o
   LayerNorm  gamma, beta                <->  weight, bias
   ViT        embed/cls_token, embed/pos_embed  <->  cls_token, pos_embed (no module prefix)
              blocks.i.attn/qkv_kernel [D, 3D], proj_kernel  <->  blocks.i.attn.qkv.weight, .proj.weight
-             (an export's plain-Keras forms of both read as these: `_variables`)
+             (an export's plain-Keras forms of both read as these: `export.replaced_variables`)
 """
 from __future__ import annotations
 
 import numpy as np
+
+from moco_tf.export import replaced_variables
 
 _PARAM = {"kernel": "weight", "bias": "bias", "gamma": "weight", "beta": "bias",
           "moving_mean": "running_mean", "moving_variance": "running_var",
@@ -63,15 +65,8 @@ def state_dict(model, prefix: str = "") -> dict:
 
 def _variables(layer) -> list:
     """`(variable name, value)` of a layer's weights, in our layout. The plain-Keras forms of
-    the ViT layers in an export (`export.plain_keras`) read as the layers they replace."""
-    parts = {sub.name: sub for sub in getattr(layer, "layers", [])}
-    if "mha" in parts:  # MultiHeadAttention -> Attention's fused qkv
-        qk, qb, kk, kb, vk, vb, ok, ob = (np.asarray(w) for w in parts["mha"].weights)
-        dim = qk.shape[0]
-        return [("qkv_kernel", np.concatenate([w.reshape(dim, dim) for w in (qk, kk, vk)], 1)),
-                ("qkv_bias", np.concatenate([qb.ravel(), kb.ravel(), vb.ravel()])),
-                ("proj_kernel", ok.reshape(dim, dim)), ("proj_bias", ob)]
-    if "cls_token" in parts and "pos_embed" in parts:  # -> ClassTokenAndPosition
-        return [("cls_token", np.asarray(parts["cls_token"].bias)[None, None]),
-                ("pos_embed", np.asarray(parts["pos_embed"].bias)[None])]
+    the ViT layers in an export read as the layers they replace (`export.replaced_variables`)."""
+    replaced = replaced_variables(layer)
+    if replaced is not None:
+        return replaced
     return [(v.name.split("/")[-1], np.asarray(v)) for v in layer.weights]
