@@ -17,6 +17,7 @@ VARIANTS = ("", "runlocal", "fashion_mnist", "vit_small", "vit_base", "vit_runlo
 
 
 def apply_method(c):
+    c.moco.momentum_scope = "full"
     c.model.projector = "mlp"
     c.model.projector_layers = 2  # moco-v3 builder.py: 2 layers for ResNets (3 for ViTs)
     c.model.projector_bn = True

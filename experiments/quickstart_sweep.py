@@ -8,7 +8,7 @@ training is deterministic for a given seed: a pilot at `--epochs=5` and the same
 quickstart's epochs differ only by the schedule's length.
 
   python experiments/quickstart_sweep.py --out=runs/sweep --epochs=5 --parallel=2   # pilots
-  python experiments/quickstart_sweep.py --out=runs/sweep --variants="symmetric,SimCLR + projector EMA"
+  python experiments/quickstart_sweep.py --out=runs/sweep --variants="MoCo v2,SimCLR + projector EMA"
   python experiments/quickstart_sweep.py --out=runs/sweep --report    # sweep.json/.md, knn.png
   python experiments/quickstart_sweep.py --curve=runs/fashion_mnist    # one train.py run's knn.png
 
@@ -29,24 +29,28 @@ from absl import app, flags  # noqa: E402
 
 from experiments import common  # noqa: E402
 
-_SYMMETRIC_EMA = {"moco.negatives": "both_views", "moco.symmetric": True}
-VARIANTS = {  # name -> overrides of configs/fashion_mnist.py (flattened config paths)
-    "quickstart": {},
+_SIMCLR = {"moco.negatives": "both_views", "moco.symmetric": True}  # the quickstart's
+_MOCO_V2 = {"moco.momentum_scope": "full", "moco.negatives": "queue", "moco.symmetric": False}
+VARIANTS = {  # name (no commas: --variants splits on them) -> overrides of configs/fashion_mnist.py
+    "quickstart": {},  # SimCLR + EMA from layer4 since version 0.3
     "crop 0.5-1": {"data.crop_scale": (0.5, 1.0)},
     "crop 0.2-1": {"data.crop_scale": (0.2, 1.0)},
     "T 0.2": {"moco.temperature": 0.2},
-    "K 16384": {"moco.queue_size": 16384},
     "batch 128": {"train.batch_size": 128},
     "lr 0.06": {"train.base_learning_rate": 0.06},
     "v1 augmentation (no blur)": {"data.augmentation": "moco_v1"},
     "projector hidden 512": {"model.projector_hidden_dim": 512},
     "projector with BN": {"model.projector_bn": True},
     "m 0.996": {"moco.momentum": 0.996},
-    "symmetric": {"moco.symmetric": True},
-    "SimCLR": {"moco.momentum_scope": "none", **_SYMMETRIC_EMA},
-    "SimCLR + projector EMA": {"moco.momentum_scope": "projector", **_SYMMETRIC_EMA},
-    "SimCLR + EMA from layer4": {"moco.momentum_scope": "from:layer4", **_SYMMETRIC_EMA},
-    "SimCLR + EMA from layer3": {"moco.momentum_scope": "from:layer3", **_SYMMETRIC_EMA},
+    "SimCLR": {"moco.momentum_scope": "none", **_SIMCLR},
+    "SimCLR + EMA": {"moco.momentum_scope": "full", **_SIMCLR},
+    "SimCLR + projector EMA": {"moco.momentum_scope": "projector", **_SIMCLR},
+    "SimCLR + EMA from layer3": {"moco.momentum_scope": "from:layer3", **_SIMCLR},
+    # The quickstart of version 0.2 (`configs/fashion_mnist.py:moco_v2`) and its variants.
+    "MoCo v2": _MOCO_V2,
+    "MoCo v2 crop 0.5-1": {**_MOCO_V2, "data.crop_scale": (0.5, 1.0)},
+    "MoCo v2 K 16384": {**_MOCO_V2, "moco.queue_size": 16384},
+    "MoCo v2 symmetric": {**_MOCO_V2, "moco.symmetric": True},
 }
 
 _OUT = flags.DEFINE_string("out", "runs/quickstart_sweep", "Output folder.")

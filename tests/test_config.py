@@ -121,10 +121,10 @@ def test_values_are_cast_by_ml_collections_rules_and_new_keys_refused():
 def test_train_py_prints_one_line_and_exits_2_on_a_config_error(tmp_path):
     proc = subprocess.run(
         [sys.executable, "train.py", "--config=configs/fashion_mnist.py:smoke",
-         f"--workdir={tmp_path}", "--config.moco.queue_size=100"],
+         f"--workdir={tmp_path}", "--config.train.batch_size=60"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2
-    assert "Config error: 'moco.queue_size' (100) must be a multiple" in proc.stderr
+    assert "Config error: 'train.batch_size' (60) must be divisible by" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not os.listdir(tmp_path)  # stopped before anything was built or written
