@@ -153,3 +153,33 @@ def test_quickstart_smoke_through_train_py_on_real_fashion_mnist(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert 0.1 < results["knn_top1"] <= 1.0  # 10 classes; even 10 steps learn something
     assert os.path.isfile(os.path.join(results["export_dir"], "saved_model", "saved_model.pb"))
+
+
+DETERMINISM_PROBE = '''
+import sys
+import tensorflow as tf
+from tensorflow.python.framework import config as tf_config
+from moco_tf import train_lib
+if sys.argv[1] == "started":
+    tf.constant(1.0) + 1.0  # TensorFlow runs: its thread pools exist
+train_lib.make_ops_deterministic()
+print(tf.config.threading.get_inter_op_parallelism_threads(), tf_config.is_op_determinism_enabled())
+'''
+
+
+@pytest.mark.parametrize("when", ["fresh", "started"])
+def test_deterministic_means_op_determinism_and_one_inter_op_thread(when):
+    # One inter-op thread is what made the quickstart's symmetric EMA steps bit-identical between
+    # processes (op determinism alone was not); it can only be set before TensorFlow starts.
+    proc = subprocess.run([sys.executable, "-c", DETERMINISM_PROBE, when], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    threads, enabled = proc.stdout.split()
+    assert enabled == "True"
+    if when == "fresh":
+        assert threads == "1"
+        assert "already started" not in proc.stderr
+    else:  # too late to change the pools: kept, with a warning that says what to do
+        assert threads == "0"
+        assert "make_ops_deterministic() before using TensorFlow" in proc.stderr
