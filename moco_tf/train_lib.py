@@ -224,10 +224,11 @@ def make_ops_deterministic():
 
     `enable_op_determinism` alone is not enough on CPU: with a symmetric loss and an EMA key
     encoder (the quickstart), reruns differed from step ~10-20 on (1e-5 in the loss at first),
-    while MoCo v2 and SimCLR did not. Independent ops running side by side change how each
-    kernel's reductions are split; one inter-op thread removes that (identical over 100 steps,
-    measured) at no measurable cost in step time here. The thread count can only be set before
-    TensorFlow starts: later (e.g. after a `model.fit`) this warns and keeps the old pools.
+    while MoCo v2 and SimCLR did not in 30. Ops running side by side change how a kernel splits
+    its work; one inter-op thread removes that (identical over 100 steps, measured) but costs
+    the quickstart ~25% of its step rate on 2 cores (455 vs 600 img/s). The thread count can only
+    be set before TensorFlow starts: later (e.g. after a `model.fit`) this warns and keeps the
+    old pools.
     """
     tf.config.experimental.enable_op_determinism()
     if tf.config.threading.get_inter_op_parallelism_threads() == 1:
