@@ -3,9 +3,11 @@
 Every variant is the quickstart config plus a few overrides (below: data, not code); each
 (variant, seed) is one `train_and_evaluate` run in its own process, in `--out/runs/<variant>/seed<k>`,
 optionally followed by a linear evaluation of its export. Finished runs are skipped and stopped
-ones resume from their checkpoints, so rerunning the command finishes a half-done sweep. The
-training is deterministic for a given seed: a pilot at `--epochs=5` and the same variant at the
-quickstart's epochs differ only by the schedule's length.
+ones resume from their checkpoints, so rerunning the command finishes a half-done sweep. Data,
+augmentation and initialisation are a pure function of the seed: a pilot at `--epochs=5` and the
+same variant at the quickstart's epochs differ only by the schedule's length (and, for the
+symmetric EMA methods, by CPU kernels' last bits: reruns agree to a few tenths of a point, see
+docs/checkpoints.md; `"deterministic": True` in a variant's overrides makes them bit-identical).
 
   python experiments/quickstart_sweep.py --out=runs/sweep --epochs=5 --parallel=2   # pilots
   python experiments/quickstart_sweep.py --out=runs/sweep --variants="MoCo v2,SimCLR + projector EMA"
