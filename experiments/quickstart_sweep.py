@@ -44,6 +44,11 @@ VARIANTS = {  # name (no commas: --variants splits on them) -> overrides of conf
     "projector hidden 512": {"model.projector_hidden_dim": 512},
     "projector with BN": {"model.projector_bn": True},
     "m 0.996": {"moco.momentum": 0.996},
+    # conv1 at stride 2: ~2.7x the step rate, so ~2.5x the epochs in the same time.
+    "stem stride 2 35 epochs": {"model.stem_stride": 2, "train.epochs": 35,
+                                "eval.knn_every_epochs": 5},
+    "width 32 stem stride 2 12 epochs": {"model.width": 32, "model.stem_stride": 2,
+                                         "train.epochs": 12},
     "SimCLR": {"moco.momentum_scope": "none", **_SIMCLR},
     "SimCLR + EMA": {"moco.momentum_scope": "full", **_SIMCLR},
     "SimCLR + projector EMA": {"moco.momentum_scope": "projector", **_SIMCLR},

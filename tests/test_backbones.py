@@ -89,6 +89,18 @@ def test_cifar_stem_keeps_resolution_imagenet_stem_downsamples_by_4():
     assert cifar.get_layer("layer4.1.out").output.shape[1:3] == (4, 4)
 
 
+def test_cifar_stem_stride_2_halves_every_stage_and_pads_like_torch():
+    model = build_backbone("resnet18", (28, 28, 1), cifar_stem=True, stem_stride=2, width=8)
+    assert "maxpool" not in {l.name for l in model.layers}
+    assert model.get_layer("layer1.1.out").output.shape[1:3] == (14, 14)
+    assert model.get_layer("layer4.1.out").output.shape[1:3] == (2, 2)
+    x = _images(2, 28, channels=1)
+    conv1 = model.get_layer("conv1")
+    # torch Conv2d(3, stride=2, padding=1): one zero row/column on every side.
+    torch_like = tf.nn.conv2d(np.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)]), conv1.kernel, 2, "VALID")
+    np.testing.assert_allclose(_submodel(model, "conv1")(x).numpy(), torch_like, rtol=1e-4, atol=1e-5)
+
+
 def test_strided_convs_and_maxpool_pad_symmetrically_like_torch():
     model = build_backbone("resnet18", (16, 16, 3))
     x = _images(2, 16)

@@ -33,6 +33,7 @@ BAD_VALUES = [
     ("moco.temperature", math.nan, "'moco.temperature' must be > 0, got nan"),
     ("moco.momentum", math.nan, "'moco.momentum' must be >= 0 and <= 1, got nan"),
     ("model.split_bn_groups", 0, "'model.split_bn_groups' must be >= 1, got 0"),
+    ("model.stem_stride", 3, "'model.stem_stride' must be >= 1 and <= 2, got 3"),
     ("moco.queue_size", 0, "'moco.queue_size' must be >= 1, got 0"),
     ("data.image_size", 0, "'data.image_size' must be >= 8, got 0"),
     ("data.image_size", 4, "'data.image_size' must be >= 8, got 4"),
@@ -78,6 +79,8 @@ def test_a_bad_config_value_is_refused_with_one_line(key, value, message):
      "'data.image_size' (30) must be a multiple of 'model.patch_size' (16) for a ViT"),
     ({"model.backbone": "resnet50", "model.cifar_stem": False},
      "too small for an ImageNet ResNet stem"),
+    ({"model.stem_stride": 2, "model.cifar_stem": False, "data.image_size": 32},
+     "'model.stem_stride' (2) applies to the CIFAR stem only"),
     ({"moco.negatives": "both_views", "moco.symmetric": False}, "needs symmetric=True"),
     ({"moco.momentum_scope": "none"}, "needs a momentum encoder"),
 ])

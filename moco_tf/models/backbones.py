@@ -227,6 +227,7 @@ def build_backbone(
     input_shape,
     *,
     cifar_stem=False,
+    stem_stride=1,
     norm="bn",
     split_bn_groups=8,
     mean=None,
@@ -243,6 +244,8 @@ def build_backbone(
       input_shape: `(H, W, C)`; any C (1 for Fashion-MNIST, 3 for RGB); H, W may be None.
       cifar_stem: ResNets only: conv1 is 3x3 stride 1 and there is no max-pool, for 28-32 px
         images (as in the MoCo CIFAR recipes). Ignored by small_cnn.
+      stem_stride: the CIFAR stem's conv1 stride. 2 runs layer1-4 at half the resolution
+        (28 px: 14, 7, 4, 2), a quarter of the convolution work.
       norm: "bn" (BatchNormalization), "split_bn" (SplitBatchNorm with `split_bn_groups`
         sub-batches) or "sync_bn" (BatchNormalization(synchronized=True), across replicas).
       mean, std: per-channel (or scalar) constants of the input normalisation; default 0 and 1.
@@ -272,7 +275,8 @@ def build_backbone(
     inputs = keras.Input(shape=tuple(input_shape), name="images")
     x = Standardize(0.0 if mean is None else mean, 1.0 if std is None else std, name="normalize")(inputs)
     if name in RESNETS:
-        x = _resnet(x, *RESNETS[name], norm_layer, cifar_stem, zero_init_residual, width)
+        x = _resnet(x, *RESNETS[name], norm_layer, cifar_stem, zero_init_residual, width,
+                    stem_stride)
     elif name == "small_cnn":
         x = _small_cnn(x, norm_layer)
     else:
@@ -330,10 +334,11 @@ def _downsample(x, out_channels, stride, prefix, norm_layer):
     return norm_layer(f"{prefix}.downsample.1")(x)
 
 
-def _resnet(x, block, depths, norm_layer, cifar_stem, zero_init_residual, width=64):
+def _resnet(x, block, depths, norm_layer, cifar_stem, zero_init_residual, width=64,
+            stem_stride=1):
     """torchvision ResNet without `fc`: stem (conv1, bn1, relu, maxpool) and layer1..layer4."""
-    if cifar_stem:  # 3x3 stride 1, no max-pool: keeps 32x32 inputs at 32x32 into layer1
-        x = _relu(norm_layer("bn1")(_conv(x, width, 3, 1, "conv1")), "relu")
+    if cifar_stem:  # 3x3, no max-pool: stride 1 keeps 32x32 inputs at 32x32 into layer1
+        x = _relu(norm_layer("bn1")(_conv(x, width, 3, stem_stride, "conv1")), "relu")
     else:
         x = _relu(norm_layer("bn1")(_conv(x, width, 7, 2, "conv1")), "relu")
         # torch pads the max-pool with -inf; its input is post-ReLU (>= 0) and every window holds at
