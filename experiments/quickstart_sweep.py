@@ -40,6 +40,7 @@ VARIANTS = {  # name (no commas: --variants splits on them) -> overrides of conf
     "T 0.2": {"moco.temperature": 0.2},
     "batch 128": {"train.batch_size": 128},
     "lr 0.06": {"train.base_learning_rate": 0.06},
+    "lr 0.12": {"train.base_learning_rate": 0.12},
     "v1 augmentation (no blur)": {"data.augmentation": "moco_v1"},
     "projector hidden 512": {"model.projector_hidden_dim": 512},
     "projector with BN": {"model.projector_bn": True},
