@@ -88,7 +88,8 @@ def make_config(name, seed):
     config.moco.momentum_scope, config.moco.negatives = scope, negatives
     config.moco.symmetric = symmetric
     config.seed = int(seed)
-    config.data.crop_scale = (0.3, 1.0)  # as when the study ran (the quickstart of 0.2.0)
+    # As when the study ran (the quickstart of 0.2.0).
+    config.data.crop_scale, config.train.base_learning_rate = (0.3, 1.0), 0.03
     config.train.epochs = _EPOCHS.value
     config.train.verbose = 2
     config.eval.knn_every_epochs = 1

@@ -32,14 +32,15 @@ from absl import app, flags  # noqa: E402
 from experiments import common  # noqa: E402
 
 _SIMCLR = {"moco.negatives": "both_views", "moco.symmetric": True}  # the quickstart's
-_MOCO_V2 = {"moco.momentum_scope": "full", "moco.negatives": "queue", "moco.symmetric": False}
+_MOCO_V2 = {"moco.momentum_scope": "full", "moco.negatives": "queue", "moco.symmetric": False,
+            "train.base_learning_rate": 0.03}
 VARIANTS = {  # name (no commas: --variants splits on them) -> overrides of configs/fashion_mnist.py
-    "quickstart": {},  # SimCLR + EMA from layer4 since version 0.3
+    "quickstart": {},  # SimCLR + EMA from layer4 since version 0.3, lr 0.06 since 0.3.1
     "crop 0.5-1": {"data.crop_scale": (0.5, 1.0)},
     "crop 0.2-1": {"data.crop_scale": (0.2, 1.0)},
     "T 0.2": {"moco.temperature": 0.2},
     "batch 128": {"train.batch_size": 128},
-    "lr 0.06": {"train.base_learning_rate": 0.06},
+    "lr 0.03": {"train.base_learning_rate": 0.03},  # the quickstart of version 0.3.0
     "lr 0.12": {"train.base_learning_rate": 0.12},
     "v1 augmentation (no blur)": {"data.augmentation": "moco_v1"},
     "projector hidden 512": {"model.projector_hidden_dim": 512},
