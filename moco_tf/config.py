@@ -91,7 +91,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.model.backbone = "resnet18"  # resnet18 | resnet50 | small_cnn | vit_small | vit_base | vit_tiny
     c.model.patch_size = 16  # ViTs: patch side in pixels
     c.model.cifar_stem = True  # 3x3 stride-1 conv1, no max-pool: for 28-32 px images
-    c.model.stem_stride = 1  # CIFAR stem's conv1 stride: 2 = layer1 at half resolution, ~2.7x faster
+    c.model.stem_stride = 1  # CIFAR stem's conv1 stride: 2 = layers at half resolution, 1/4 the work
     c.model.width = 64  # ResNet channels of conv1/layer1 (64 = torchvision); 32 is ~4x cheaper
     c.model.norm = "split_bn"  # bn | split_bn (shuffle-BN emulation on one device) | sync_bn
     c.model.split_bn_groups = 8

@@ -68,8 +68,8 @@ def build_model(config, total_steps=1, epoch_steps=1) -> MoCo:
     d, m, c = config.data, config.model, config.moco
     backbone = backbones.build_backbone(
         m.backbone, (d.image_size, d.image_size, d.channels), cifar_stem=m.cifar_stem,
-        stem_stride=m.stem_stride, norm=m.norm, split_bn_groups=m.split_bn_groups, mean=d.mean, std=d.std, width=m.width,
-        patch_size=m.patch_size,
+        stem_stride=m.stem_stride, norm=m.norm, split_bn_groups=m.split_bn_groups, mean=d.mean,
+        std=d.std, width=m.width, patch_size=m.patch_size,
     )
     feature_dim = backbone.output_shape[-1]
     head_norm = {"norm": m.norm, "split_bn_groups": m.split_bn_groups}
