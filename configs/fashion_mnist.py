@@ -17,6 +17,9 @@ Variants: `:moco_v2` is the quickstart of version 0.2 (MoCo v2: queue, full EMA,
 from moco_tf.config import defaults
 
 VARIANTS = ("", "moco_v2", "smoke")
+# `:moco_v2`'s changes to the quickstart (also experiments/quickstart_sweep.py's MoCo v2 variants).
+MOCO_V2 = {"moco.momentum_scope": "full", "moco.negatives": "queue", "moco.symmetric": False,
+           "train.base_learning_rate": 0.03}
 
 
 def get_config(variant=""):
@@ -63,8 +66,7 @@ def get_config(variant=""):
     c.eval.raw_pixel_baseline = True
 
     if variant == "moco_v2":  # 82.46% / 84.98% kNN at 14 epochs, ~17 min of training
-        c.moco.momentum_scope, c.moco.negatives, c.moco.symmetric = "full", "queue", False
-        c.train.base_learning_rate = 0.03
+        c.update_from_flattened_dict(MOCO_V2)
     if variant == "smoke":
         c.precision = "float32"
         c.model.backbone = "small_cnn"

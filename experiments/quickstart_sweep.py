@@ -29,11 +29,11 @@ sys.path.insert(0, ROOT)
 
 from absl import app, flags  # noqa: E402
 
+from configs import fashion_mnist  # noqa: E402
 from experiments import common  # noqa: E402
 
 _SIMCLR = {"moco.negatives": "both_views", "moco.symmetric": True}  # the quickstart's
-_MOCO_V2 = {"moco.momentum_scope": "full", "moco.negatives": "queue", "moco.symmetric": False,
-            "train.base_learning_rate": 0.03}
+_MOCO_V2 = fashion_mnist.MOCO_V2
 VARIANTS = {  # name (no commas: --variants splits on them) -> overrides of configs/fashion_mnist.py
     "quickstart": {},  # SimCLR + EMA from layer4 since version 0.3, lr 0.06 since 0.3.1
     "crop 0.5-1": {"data.crop_scale": (0.5, 1.0)},
@@ -85,7 +85,6 @@ def run_dir(name, seed):
 
 
 def make_config(name, seed):
-    from configs import fashion_mnist
     from moco_tf import config as config_lib
 
     config = fashion_mnist.get_config()

@@ -99,6 +99,8 @@ def test_cifar_stem_stride_2_halves_every_stage_and_pads_like_torch():
     # torch Conv2d(3, stride=2, padding=1): one zero row/column on every side.
     torch_like = tf.nn.conv2d(np.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)]), conv1.kernel, 2, "VALID")
     np.testing.assert_allclose(_submodel(model, "conv1")(x).numpy(), torch_like, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="applies to the CIFAR stem only"):
+        build_backbone("resnet18", (32, 32, 3), stem_stride=2)
 
 
 def test_strided_convs_and_maxpool_pad_symmetrically_like_torch():

@@ -258,6 +258,9 @@ def build_backbone(
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}.")
     if len(input_shape) != 3:
         raise ValueError(f"input_shape must be (H, W, C), got {input_shape}.")
+    if stem_stride != 1 and not cifar_stem:
+        raise ValueError(f"stem_stride={stem_stride} applies to the CIFAR stem only "
+                         f"(cifar_stem=True); the ImageNet stem has its own stride and max-pool.")
     if name.startswith("vit"):
         from moco_tf.models import vit  # it builds on this module's Standardize
 
