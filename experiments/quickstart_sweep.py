@@ -39,6 +39,7 @@ VARIANTS = {  # name (no commas: --variants splits on them) -> overrides of conf
     "crop 0.5-1": {"data.crop_scale": (0.5, 1.0)},
     "crop 0.2-1": {"data.crop_scale": (0.2, 1.0)},
     "T 0.2": {"moco.temperature": 0.2},
+    "T 0.07": {"moco.temperature": 0.07},
     "batch 128": {"train.batch_size": 128},
     "lr 0.03": {"train.base_learning_rate": 0.03},  # the quickstart of version 0.3.0
     "lr 0.12": {"train.base_learning_rate": 0.12},
