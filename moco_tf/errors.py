@@ -23,7 +23,7 @@ class EvaluationError(RuntimeError):
 
 
 class Interrupted(RuntimeError):
-    """Ctrl-C during training: a checkpoint was saved; the message says how to resume."""
+    """Ctrl-C or SIGTERM during training: a checkpoint was saved; the message says how to resume."""
 
 
 # Failures whose message says what to do: train.py prints them as one line, without a traceback.

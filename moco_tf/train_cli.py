@@ -9,6 +9,7 @@ Log detail: absl's `--verbosity` (default: INFO from moco_tf, WARNING from Tenso
 """
 
 import os
+import signal
 import sys
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -20,6 +21,17 @@ from ml_collections import config_flags  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where logs, checkpoints, results and exports go.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _stop_on_sigterm(signum, frame):
+    """Preemption (spot and TPU VMs, SLURM, Kubernetes) and `kill` send SIGTERM: stop as on
+    Ctrl-C, between steps, with a checkpoint and the line saying how to resume."""
+    del frame
+    _received.append(signum)
+    raise KeyboardInterrupt
+
+
+_received = []  # the signal that stopped the run (exit status 128 + it)
 
 
 def _fail(kind, error, status):
@@ -85,6 +97,7 @@ def main(argv):
     import tensorflow as tf
 
     tf.get_logger().setLevel("WARNING")  # TF's own INFO lines (checkpoint sharding) are noise
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         _, results = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except config_lib.ConfigError as e:  # checks that need TensorFlow (devices, replicas)
@@ -93,8 +106,8 @@ def main(argv):
         _fail("Data error", e, 2)
     except errors.CLEAR_ERRORS as e:  # NaN, full disk, workdir in use, out of memory
         _fail("Error", e, 1)
-    except errors.Interrupted as e:  # Ctrl-C: saved, and how to resume
-        _fail("Interrupted", e, 130)
+    except errors.Interrupted as e:  # Ctrl-C or SIGTERM: saved, and how to resume
+        _fail("Interrupted", e, 128 + (_received[-1] if _received else signal.SIGINT))
     summary = ", ".join(
         f"{k}={results[k] if results[k] is not None else 'n/a'}"
         for k in ("knn_top1", "knn_top1_k20", "images_per_sec") if k in results

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -406,6 +407,37 @@ def test_a_second_run_on_a_locked_workdir_is_refused_and_a_dead_holder_is_taken_
         assert f"Taking over the lock {workdir}/.lock of pid {holder.pid}" in caplog.text
     with workdir_lib.WorkdirLock(workdir):  # released cleanly: nothing to take over
         pass
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_says_how_to_resume_and_exits_143(tmp_path):
+    # What preemption or `kill` does to a real `python train.py`: stop between steps like Ctrl-C.
+    workdir = tmp_path / "run"
+    run = subprocess.Popen(
+        [sys.executable, "train.py", "--config=configs/synthetic.py", f"--workdir={workdir}",
+         "--config.train.epochs=50", "--config.train.checkpoint_every_steps=0",
+         "--config.eval.knn_every_epochs=0"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    steps = workdir / "steps.jsonl"
+    try:
+        for _ in range(1200):  # training has started once a step is logged
+            if run.poll() is not None or (steps.exists() and steps.read_text().count("\n") >= 2):
+                break
+            time.sleep(0.1)
+        assert run.poll() is None, run.communicate()[1][-2000:]
+        run.send_signal(signal.SIGTERM)
+        _, stderr = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "Traceback" not in stderr
+    line = stderr.strip().splitlines()[-1]
+    match = re.fullmatch(r"Interrupted: Interrupted at step (\d+) of 400; saved (\S+)\. Rerun the "
+                         r"same command to resume from there\.", line)
+    assert match, line
+    step, path = int(match.group(1)), match.group(2)
+    assert step >= 2 and path.endswith(f"ckpt-{step}")
+    assert checkpoint_lib.checkpoints_in(str(workdir / "checkpoints"))[0] == path
 
 
 def test_without_flock_the_lock_checks_the_pid(tmp_path, monkeypatch):
