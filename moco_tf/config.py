@@ -47,7 +47,8 @@ def defaults() -> ml_collections.ConfigDict:
     c.seed = 0
     c.deterministic = False
     # The queue, logits, loss and EMA stay float32 either way (docs/performance.md: speed).
-    c.precision = "float32"  # float32 | mixed_bfloat16 | mixed_float16
+    # float32 | mixed_bfloat16 | mixed_float16 | auto (bfloat16 where the hardware has it).
+    c.precision = "float32"
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "fashion_mnist"  # fashion_mnist | tfds | image_folder | synthetic
@@ -154,7 +155,7 @@ def defaults() -> ml_collections.ConfigDict:
 
 
 _CHOICES = {
-    "precision": ("float32", "mixed_bfloat16", "mixed_float16"),
+    "precision": ("float32", "mixed_bfloat16", "mixed_float16", "auto"),
     "data.source": ("fashion_mnist", "tfds", "image_folder", "synthetic"),
     "data.augmentation": ("moco_v1", "moco_v2", "moco_v3"),
     "data.augment_on": ("host", "device"),

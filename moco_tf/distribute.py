@@ -1,13 +1,16 @@
-"""Many devices: the `tf.distribute` strategy from a name; the cross-replica helpers of `train_step`.
+"""Devices: the `tf.distribute` strategy from a name, the precision they compute well in, and the
+cross-replica helpers of `train_step`.
 
 `create_strategy(name)` gives the strategy the model, optimizer and variables are created under
-(`train.strategy` in the config). Inside `train_step` (replica context) the helpers below gather
-across replicas; with one replica they are no-ops, so the same step runs on one device unchanged.
+(`train.strategy` in the config); `resolve_precision` turns `precision="auto"` into a dtype policy
+for the devices present. Inside `train_step` (replica context) the helpers below gather across
+replicas; with one replica they are no-ops, so the same step runs on one device unchanged.
 """
 
 import os
 
 import tensorflow as tf
+from absl import logging
 
 from moco_tf.config import ConfigError
 
@@ -53,6 +56,59 @@ def create_strategy(name="default", *, devices=None, tpu=None):
             ) from None
         return tf.distribute.TPUStrategy(resolver)
     raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
+
+
+# /proc/cpuinfo flags of CPUs with bfloat16 arithmetic (x86: AVX512-BF16, AMX; Arm: BF16).
+_CPU_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
+
+
+def _cpu_flags():
+    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.split(":")[0].strip() in ("flags", "Features"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bfloat16(cpu_flags=None) -> bool:
+    """Whether the devices TensorFlow computes on do bfloat16 in hardware.
+
+    TPUs and NVIDIA GPUs of compute capability 8.0 (Ampere) and newer do; a CPU only with the
+    flags above. Elsewhere TensorFlow emulates bfloat16 convolutions on the CPU.
+    """
+    if tf.config.list_logical_devices("TPU"):
+        return True
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        details = [tf.config.experimental.get_device_details(g) for g in gpus]
+        return all(d.get("compute_capability", (0, 0)) >= (8, 0) for d in details)
+    return bool((_cpu_flags() if cpu_flags is None else cpu_flags) & _CPU_BF16_FLAGS)
+
+
+def resolve_precision(precision, cpu_flags=None) -> str:
+    """The Keras dtype policy for `config.precision` on this machine's devices.
+
+    "auto" is mixed_bfloat16 where the hardware computes bfloat16 (`native_bfloat16`), float32
+    elsewhere; the other values are returned as they are, with a warning for mixed_bfloat16
+    without hardware support: emulated bfloat16 runs a MoCo step several times slower than
+    float32 (docs/distributed.md, "Precision and XLA").
+    """
+    native = precision in ("auto", "mixed_bfloat16") and native_bfloat16(cpu_flags)
+    if precision == "auto":
+        policy = "mixed_bfloat16" if native else "float32"
+        logging.info("precision=auto: %s (bfloat16 %s in hardware here).", policy,
+                     "computed" if native else "not computed")
+        return policy
+    if precision == "mixed_bfloat16" and not native:
+        logging.warning(
+            "precision=mixed_bfloat16, but no device here computes bfloat16 in hardware (no TPU, "
+            "no GPU of compute capability >= 8.0, no AVX512-BF16/AMX CPU): TensorFlow emulates "
+            "it, several times slower than float32. Use precision=auto or float32.")
+    return precision
 
 
 def is_chief(strategy) -> bool:

@@ -62,9 +62,10 @@ def learning_rate(config, total_steps, epoch_steps):
 def build_model(config, total_steps=1, epoch_steps=1) -> MoCo:
     """A compiled MoCo model (query encoder, key encoder, queue) as the config describes.
 
-    Sets the global Keras dtype policy to `config.precision` first.
+    Sets the global Keras dtype policy to `config.precision` first ("auto": bfloat16 where the
+    hardware computes it, else float32; `distribute.resolve_precision`).
     """
-    keras.mixed_precision.set_global_policy(config.precision)
+    keras.mixed_precision.set_global_policy(distribute.resolve_precision(config.precision))
     d, m, c = config.data, config.model, config.moco
     backbone = backbones.build_backbone(
         m.backbone, (d.image_size, d.image_size, d.channels), cifar_stem=m.cifar_stem,

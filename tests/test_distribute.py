@@ -88,6 +88,31 @@ def _losses(precision="float32", jit_compile=False, weights=None):
     return np.array(losses), initial, model
 
 
+def test_precision_auto_takes_bfloat16_only_where_the_hardware_computes_it(caplog):
+    # This test machine has no TPU or GPU: the CPU's flags decide.
+    assert distribute.resolve_precision("auto", cpu_flags={"avx2", "fma"}) == "float32"
+    for flag in ("avx512_bf16", "amx_bf16", "bf16"):  # x86 AVX512-BF16, AMX; Arm BF16
+        assert distribute.resolve_precision("auto", cpu_flags={"avx2", flag}) == "mixed_bfloat16"
+    # Explicit choices are kept; emulated bfloat16 (several times slower) is warned about.
+    assert distribute.resolve_precision("float32", cpu_flags={"amx_bf16"}) == "float32"
+    assert distribute.resolve_precision("mixed_float16", cpu_flags=set()) == "mixed_float16"
+    caplog.clear()
+    assert distribute.resolve_precision("mixed_bfloat16", cpu_flags={"avx2"}) == "mixed_bfloat16"
+    assert "emulates" in caplog.text
+    caplog.clear()
+    distribute.resolve_precision("mixed_bfloat16", cpu_flags={"amx_bf16"})
+    assert "emulates" not in caplog.text
+    # build_model applies what "auto" resolves to on this machine.
+    c = worker.small_config("bn")
+    c.precision = "auto"
+    config_lib.validate(c)
+    model = train_lib.build_model(c)
+    expected = distribute.resolve_precision("auto")
+    assert keras.mixed_precision.global_policy().name == expected
+    assert model.backbone.dtype_policy.name == expected
+    keras.mixed_precision.set_global_policy("float32")
+
+
 def test_bfloat16_float16_and_xla_steps_are_close_to_float32():
     ref, weights, _ = _losses()
     bf16, _, _ = _losses("mixed_bfloat16", weights=weights)
