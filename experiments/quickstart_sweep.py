@@ -47,6 +47,9 @@ VARIANTS = {  # name (no commas: --variants splits on them) -> overrides of conf
     "projector hidden 512": {"model.projector_hidden_dim": 512},
     "projector with BN": {"model.projector_bn": True},
     "m 0.996": {"moco.momentum": 0.996},
+    # One BN batch of 256 (TF's fused kernel) or 4 sub-batches of 64 instead of SplitBN's 8 of 32.
+    "plain BN": {"model.norm": "bn"},
+    "SplitBN 4 groups": {"model.split_bn_groups": 4},
     # conv1 at stride 2: ~2.7x the step rate, so ~2.5x the epochs in the same time.
     "stem stride 2 35 epochs": {"model.stem_stride": 2, "train.epochs": 35,
                                 "eval.knn_every_epochs": 5},
