@@ -56,5 +56,10 @@ def test_vit_moco_v3_trains_and_exports(precision, tmp_path):
     assert np.isfinite(results["final_loss"]) and 0.0 <= results["knn_top1"] <= 1.0
     backbone = export.load_backbone(results["export_dir"])
     images, _ = next(iter(data.eval_dataset(c.data, batch_size=4)))
-    np.testing.assert_allclose(backbone(images), model.backbone(images, training=False),
-                               atol=1e-2 if precision != "float32" else 1e-5)
+    expected = model.backbone(images, training=False).numpy().astype("float32")
+    # bfloat16: the export's attention (Keras MultiHeadAttention) rounds at other points than the
+    # fused qkv. On a CPU that emulates bfloat16 the features differed by 0.031 at |x| < 2: four
+    # of bfloat16's steps there (2^-7). Allowed: 16 rounding units (2^-8) of the largest feature,
+    # twice that; a wrong weight is off by O(1).
+    tol = 16 * 2.0**-8 * np.abs(expected).max() if precision != "float32" else 1e-5
+    np.testing.assert_allclose(backbone(images), expected, atol=tol)
