@@ -23,6 +23,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where logs, checkpoints, result
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _no_tensorflow_info(record) -> bool:
+    """Keeps a log record unless it is below WARNING and logged from inside TensorFlow."""
+    return record.levelno >= logging.converter.STANDARD_WARNING or (
+        f"{os.sep}tensorflow{os.sep}" not in record.pathname)
+
+
 def _stop_on_sigterm(signum, frame):
     """Preemption (spot and TPU VMs, SLURM, Kubernetes) and `kill` send SIGTERM: stop as on
     Ctrl-C, between steps, with a checkpoint and the line saying how to resume."""
@@ -94,9 +100,12 @@ def main(argv):
 
     if not any(a.startswith(("--verbosity", "-v=", "--v=")) for a in sys.argv[1:]):
         logging.set_verbosity(logging.INFO)  # moco_tf's progress lines by default
+        # TensorFlow's INFO lines ("Sharding callback duration" at every checkpoint, SavedModel
+        # fingerprints) are noise here: some come through TF's logger, some through absl's.
+        logging.get_absl_logger().addFilter(_no_tensorflow_info)
     import tensorflow as tf
 
-    tf.get_logger().setLevel("WARNING")  # TF's own INFO lines (checkpoint sharding) are noise
+    tf.get_logger().setLevel("WARNING")
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         _, results = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

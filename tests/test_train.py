@@ -150,6 +150,10 @@ def test_quickstart_smoke_through_train_py_on_real_fashion_mnist(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Done. knn_top1=" in proc.stdout
+    # moco_tf's INFO lines reach the console, TensorFlow's (one per checkpoint and export) not.
+    assert "Saved checkpoint" in proc.stderr
+    assert "Sharding callback duration" not in proc.stderr
+    assert "fingerprint" not in proc.stderr
     results = json.loads((tmp_path / "results.json").read_text())
     assert 0.1 < results["knn_top1"] <= 1.0  # 10 classes; even 10 steps learn something
     assert os.path.isfile(os.path.join(results["export_dir"], "saved_model", "saved_model.pb"))
