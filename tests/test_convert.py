@@ -69,10 +69,15 @@ TORCH_SCRIPT = textwrap.dedent(
         model.fc = head
         return f
 
-    def mlp_v3(dim_in, hidden, dim):  # moco-v3 builder._build_mlp(2, ...)
-        return nn.Sequential(nn.Linear(dim_in, hidden, bias=False), nn.BatchNorm1d(hidden),
-                             nn.ReLU(inplace=True), nn.Linear(hidden, dim, bias=False),
-                             nn.BatchNorm1d(dim, affine=False))
+    def mlp_v3(dim_in, hidden, dim, last_bn=True):  # moco-v3 builder._build_mlp(2, ...)
+        layers = [nn.Linear(dim_in, hidden, bias=False), nn.BatchNorm1d(hidden),
+                  nn.ReLU(inplace=True), nn.Linear(hidden, dim, bias=False)]
+        return nn.Sequential(*layers, *([nn.BatchNorm1d(dim, affine=False)] if last_bn else []))
+
+    def predicted(predictor, dim):  # the predictor's eval-mode output on random inputs
+        z = torch.randn(2, dim, generator=g)
+        with torch.no_grad():
+            return {"predictor_input": z.numpy(), "prediction": predictor(z).numpy()}
 
     def prefixed(prefix, state_dict, scale=1.0):
         return {prefix + k: (v * scale if v.is_floating_point() else v) for k, v in state_dict.items()}
@@ -115,14 +120,15 @@ TORCH_SCRIPT = textwrap.dedent(
     broken["module.encoder_q.layer5.0.conv1.weight"] = torch.zeros(3)
     torch.save({"state_dict": broken}, f"{out}/r18_broken.pth.tar")
 
-    # MoCo v3 (moco-v3 builder.py): base_encoder with a BN MLP as fc, and the predictor (the
-    # momentum encoder is left out to keep the file small).
+    # MoCo v3 (moco-v3 builder.py): base_encoder with a BN MLP as fc, and the predictor, which
+    # MoCo_ResNet builds without the last BN (the momentum encoder is left out to keep the file
+    # small).
     r18.fc = randomize_bn(mlp_v3(512, 64, 32), "none")
-    predictor = mlp_v3(32, 64, 32)
+    predictor = randomize_bn(mlp_v3(32, 64, 32, last_bn=False), "none")
     state = {**prefixed("module.base_encoder.", r18.state_dict()),
              **prefixed("module.predictor.", predictor.state_dict())}
     save("r18_v3", {"epoch": 300, "arch": "resnet18", "state_dict": state, "scaler": {"scale": 1.0}},
-         x, features=f18, projection=run(r18, x))
+         x, features=f18, projection=run(r18, x), **predicted(predictor, 32))
 
     # A plain torchvision state_dict (ImageNet classifier head, no prefix).
     r18.fc = nn.Linear(512, 1000)
@@ -148,11 +154,13 @@ TORCH_SCRIPT = textwrap.dedent(
         t = torch.from_numpy(x.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
         with torch.no_grad():
             return f((t - MEAN) / STD).numpy()
+    # MoCo_ViT's predictor ends with a BN without affine: its running statistics matter.
+    predictor = randomize_bn(mlp_v3(16, 32, 16), "none")
     state = {**prefixed("module.base_encoder.", vit.state_dict()),
-             **prefixed("module.predictor.", mlp_v3(16, 32, 16).state_dict())}
+             **prefixed("module.predictor.", predictor.state_dict())}
     save("vit_v3", {"epoch": 300, "arch": "vit_small", "state_dict": state}, x,
          features=vit_run(vit.forward_features), projection=vit_run(vit),
-         pos_embed=vit.pos_embed.detach().numpy())
+         pos_embed=vit.pos_embed.detach().numpy(), **predicted(predictor, 16))
     """
 )
 
@@ -220,6 +228,17 @@ def test_moco_v3_layout_with_bn_projector(ckpt):
         "Dense", "SplitBatchNorm", "ReLU", "Dense", "SplitBatchNorm"]
     projected = head(result["backbone"](images.astype(np.float32) / 255.0), training=False)
     assert np.abs(np.asarray(projected) - projection).max() <= TOLERANCE
+    # MoCo_ResNet's predictor: no BN on its output.
+    result = convert(str(ckpt / "r18_v3.pth.tar"), None, predictor=True, image_size=32)
+    assert [type(layer).__name__ for layer in result["predictor"].layers[1:]] == [
+        "Dense", "SplitBatchNorm", "ReLU", "Dense"]
+    assert result["info"]["predictor"] == [32]
+    _assert_predicts_as_torch(result["predictor"], np.load(ckpt / "r18_v3.npz"))
+
+
+def _assert_predicts_as_torch(predictor, refs):
+    out = predictor(refs["predictor_input"], training=False)
+    assert float(np.abs(np.asarray(out) - refs["prediction"]).max()) <= TOLERANCE
 
 
 def test_plain_torchvision_state_dict(ckpt):
@@ -306,6 +325,45 @@ def test_moco_v3_vit_matches_the_timm_reference(ckpt):
                                np.load(ckpt / "vit_v3.npz")["pos_embed"][0], atol=1e-6)
     with pytest.raises(ConversionError, match="pass --image_size=32"):
         convert(str(ckpt / "vit_v3.pth.tar"), None, image_size=64)
+
+
+def test_moco_v3_vit_predictor_keeps_its_last_bn(ckpt):
+    # MoCo_ViT builds its predictor with _build_mlp(2, dim, mlp_dim, dim): last_bn=True.
+    result = convert(str(ckpt / "vit_v3.pth.tar"), None, predictor=True, image_size=32)
+    predictor = result["predictor"]
+    assert [type(layer).__name__ for layer in predictor.layers[1:]] == [
+        "Dense", "SplitBatchNorm", "ReLU", "Dense", "SplitBatchNorm"]
+    last = predictor.get_layer("predictor.4")
+    assert not last.center and not last.scale
+    refs = np.load(ckpt / "vit_v3.npz")
+    _assert_predicts_as_torch(predictor, refs)
+    # The running statistics were loaded, not left at 0 / 1 (randomize_bn set them).
+    assert np.abs(np.asarray(last.moving_mean)).max() > 0.01
+    assert np.abs(np.asarray(last.moving_variance) - 1).max() > 0.01
+
+
+def test_arch_of_another_family_or_size_names_what_the_checkpoint_holds(ckpt):
+    with pytest.raises(ConversionError, match=r"--arch=vit_small, but the checkpoint holds a "
+                                              r"vit_tiny \(ViT of width 64, 2 blocks, 8 px"):
+        convert(str(ckpt / "vit_v3.pth.tar"), None, arch="vit_small", image_size=32)
+    with pytest.raises(ConversionError, match=r"--arch=vit_small, but the checkpoint holds a "
+                                              r"ResNet \(resnet18\)"):
+        convert(str(ckpt / "r18_v1.pth.tar"), None, arch="vit_small", image_size=32)
+    with pytest.raises(ConversionError, match="has no predictor"):
+        convert(str(ckpt / "r18_v1.pth.tar"), None, predictor=True, image_size=32)
+
+
+def test_cli_input_errors_are_one_line_and_exit_2(ckpt, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "moco_tf.convert.torch_moco", "--arch=resnet50",
+         f"--checkpoint={ckpt / 'vit_v3.pth.tar'}", f"--out={tmp_path / 'export'}"],
+        capture_output=True, text=True, timeout=600,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: --arch=resnet50, but the checkpoint holds a vit_tiny (ViT of width "
+                      "64, 2 blocks, 8 px patches): pass --arch=vit_tiny or leave --arch out."]
+    assert "Traceback" not in result.stderr and not (tmp_path / "export").exists()
 
 
 def test_pickled_objects_need_allow_pickle(ckpt):

@@ -1,5 +1,6 @@
-"""MoCo v3 with a Vision Transformer: the ViT's pieces, training in float32 and bfloat16, the
-config variants, export and evaluation (the PyTorch equality is in test_convert/test_to_torch)."""
+"""MoCo v3 with a Vision Transformer: the ViT's pieces and predictor, training in float32,
+bfloat16 and float16 with XLA, the config variants, export and linear evaluation (the PyTorch
+equality is in test_convert/test_to_torch)."""
 import os
 import sys
 
@@ -11,7 +12,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import moco_v3  # noqa: E402
 from moco_tf import data, export, train_lib  # noqa: E402
-from moco_tf.models import vit  # noqa: E402
+from moco_tf.eval import linear  # noqa: E402
+from moco_tf.models import heads, vit  # noqa: E402
 
 
 def test_vit_pieces():
@@ -32,6 +34,24 @@ def test_vit_pieces():
         vit.build_vit("vit_tiny", (30, 30, 3), patch_size=8)
     table = vit.sincos_position_embedding(2, 2, 8)
     assert table.shape == (5, 8) and not table[0].any()  # row 0: the class token
+
+
+def test_the_vit_predictor_ends_with_an_affine_free_bn():
+    # moco-v3 MoCo_ViT: predictor = _build_mlp(2, dim, mlp_dim, dim), last_bn=True:
+    # Linear-BN-ReLU-Linear-BN(affine=False), no biases; index i = its nn.Sequential index.
+    predictor = heads.build_predictor(8, 8, 16, last_bn=True)
+    layers = predictor.layers[1:]
+    assert [(layer.name, type(layer).__name__) for layer in layers] == [
+        ("predictor.0", "Dense"), ("predictor.1", "SplitBatchNorm"), ("predictor.2", "ReLU"),
+        ("predictor.3", "Dense"), ("predictor.4", "SplitBatchNorm")]
+    assert not any(layer.use_bias for layer in layers if isinstance(layer, keras.layers.Dense))
+    assert not layers[-1].center and not layers[-1].scale
+    assert {w.name for w in layers[-1].weights} == {"moving_mean", "moving_variance"}
+    x = np.random.default_rng(0).normal(2.0, 3.0, (32, 8)).astype("float32")
+    out = predictor(x, training=True).numpy()
+    np.testing.assert_allclose(out.mean(0), 0.0, atol=1e-4)  # standardised per feature
+    # The default is MoCo_ResNet's predictor: it stops at the last Linear.
+    assert type(heads.build_predictor(8, 8, 16).layers[-1]).__name__ == "Dense"
 
 
 def test_the_vit_recipe_is_the_papers():
@@ -63,3 +83,21 @@ def test_vit_moco_v3_trains_and_exports(precision, tmp_path):
     # twice that; a wrong weight is off by O(1).
     tol = 16 * 2.0**-8 * np.abs(expected).max() if precision != "float32" else 1e-5
     np.testing.assert_allclose(backbone(images), expected, atol=tol)
+    if precision == "float32":  # linear evaluation takes the ViT's export as a ResNet's
+        probe = linear.evaluate(results["export_dir"], c, epochs=2, batch_size=16,
+                                learning_rate=3.0, normalize="none")
+        assert probe["feature_dim"] == 64 and 0.0 <= probe["top1"] <= 1.0
+        assert os.path.isfile(probe["output"])
+
+
+@pytest.mark.slow
+def test_vit_trains_in_float16_with_xla(tmp_path):
+    # mixed_float16 (the official runs' AMP) with loss scaling, and jit_compile, on one device.
+    c = moco_v3.get_config("vit_runlocal")
+    c.precision, c.train.jit_compile = "mixed_float16", True
+    c.train.verbose, c.eval.knn_every_epochs, c.eval.export = 0, 0, False
+    model, results = train_lib.train_and_evaluate(c, str(tmp_path))
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert model.backbone.get_layer("blocks.0.attn").compute_dtype == "float16"
+    assert results["steps"] == 2 and np.isfinite(results["final_loss"])
+    assert all(np.isfinite(np.asarray(w, np.float32)).all() for w in model.backbone.weights)

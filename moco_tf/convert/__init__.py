@@ -1,5 +1,9 @@
-"""Import of pre-trained weights from PyTorch: official MoCo v1/v2/v3 ResNet checkpoints and
-torchvision ResNets (`torch_moco`; CLI: `python -m moco_tf.convert.torch_moco`)."""
+"""Weights between PyTorch and moco_tf, one name table for both directions (`names`).
+
+In: official MoCo v1/v2/v3 checkpoints (ResNets and ViTs), torchvision ResNet and timm ViT
+`state_dict`s (`torch_moco`; CLI `python -m moco_tf.convert.torch_moco`). Out: a trained
+backbone for torchvision, detectron2 or timm (`to_torch`; CLI `python -m moco_tf.convert.to_torch`).
+"""
 
 __all__ = ["ConversionError", "convert"]
 

@@ -1,21 +1,24 @@
-"""Import of official PyTorch MoCo checkpoints (and plain torchvision ResNets, timm ViTs) into Keras.
+"""Import of official PyTorch MoCo checkpoints (and torchvision ResNets, timm ViTs) into Keras.
 
 Reads a `.pth`/`.pth.tar` file, picks the query encoder, loads its ResNet onto
 `moco_tf.models.build_backbone` (same layer names as torchvision, see backbones.py) or its ViT
 onto `moco_tf.models.vit.build_vit` (timm's names: MoCo v3's `vit-s-300ep.pth.tar`,
-`vit-b-300ep.pth.tar`), and writes the
-exports training writes (`moco_tf.export.export_backbone`: SavedModel + `backbone.keras`), so
-`python -m moco_tf.eval.linear`, kNN and fine-tuning take converted weights unchanged.
+`vit-b-300ep.pth.tar`), and writes the exports training writes (`moco_tf.export.export_backbone`:
+SavedModel + `backbone.keras`), so `python -m moco_tf.eval.linear`, kNN and fine-tuning take
+converted weights unchanged.
 
 Checkpoint layouts recognised (the first that holds `conv1.weight`, or `cls_token`, wins):
   `module.encoder_q.*`     MoCo v1/v2 (facebookresearch/moco `main_moco.py`, DDP-wrapped)
   `module.base_encoder.*`  MoCo v3 ResNet or ViT (facebookresearch/moco-v3)
   `encoder_q.*`, `base_encoder.*`, `module.*`   the same without DDP / a DDP-wrapped ResNet
-  no prefix                a torchvision ResNet `state_dict` (`torch.save(model.state_dict())`)
+  no prefix                a torchvision ResNet or timm ViT `state_dict`
+                           (`torch.save(model.state_dict())`)
 A dict with a `"state_dict"` entry is unwrapped first (the official files also hold `epoch`,
-`arch`, `optimizer`). The key encoder, queue and predictor are ignored. The `fc` head is the
+`arch`, `optimizer`). The key encoder and the queue are ignored. The `fc` head is the
 projector (v1: `fc` linear; v2: `fc.0`-ReLU-`fc.2`; v3: `fc.0`-BN-ReLU-`fc.3`-BN; a v3 ViT's
-`head.*`, three layers) and is written to `projector.keras` with `--projector`.
+`head.*`, three layers) and is written to `projector.keras` with `--projector`. MoCo v3's
+predictor (`predictor.0`-BN-ReLU-`predictor.3`, and for ViTs a last BN without affine, whose
+running statistics are loaded too) is written to `predictor.keras` with `--predictor`.
 
 Numerics: the official pre-processing is ImageNet mean/std on RGB in [0, 1]; our models take
 [0, 1] images and standardise inside, so the converted backbone's `normalize` layer gets those
@@ -24,7 +27,11 @@ transpose; BN weight/bias/running_mean/running_var -> gamma/beta/moving_mean/mov
 (eps 1e-5 in both); `num_batches_tracked` has no counterpart.
 
   python -m moco_tf.convert.torch_moco --checkpoint=moco_v2_800ep_pretrain.pth.tar \\
-      --out=runs/moco_v2_800ep/export [--arch=resnet50] [--projector] [--image_size=224]
+      --out=runs/moco_v2_800ep/export [--arch=resnet50] [--projector] [--predictor] \\
+      [--image_size=224]
+
+An unreadable or missing file, or a checkpoint of another architecture than `--arch`, stops the
+command with `error: <why and what to do>` and exit status 2 (as `to_torch`).
 
 PyTorch is an optional dependency (the `convert` extra: `pip install "moco-tf[convert]"`),
 imported only when a checkpoint is read.
@@ -46,7 +53,7 @@ import numpy as np  # noqa: E402
 
 from moco_tf.convert import names  # noqa: E402
 from moco_tf.models.backbones import RESNETS, build_backbone  # noqa: E402
-from moco_tf.models.heads import build_projector  # noqa: E402
+from moco_tf.models.heads import build_predictor, build_projector  # noqa: E402
 from moco_tf.models.vit import VITS, build_vit  # noqa: E402
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the official MoCo / torchvision Normalize
@@ -55,6 +62,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 ENCODER_PREFIXES = ("module.encoder_q.", "module.base_encoder.", "encoder_q.", "base_encoder.",
                     "module.", "")
 PROJECTOR_FILE = "projector.keras"
+PREDICTOR_FILE = "predictor.keras"
 INFO_FILE = "conversion.json"
 INSTALL_HINT = ('pip install "moco-tf[convert]" (from a checkout: pip install -e ".[convert]"; '
                 "on Linux add --extra-index-url https://download.pytorch.org/whl/cpu for the "
@@ -245,12 +253,15 @@ def backbone_from_encoder(encoder: dict, *, arch: str | None = None, image_size=
     """
     if "cls_token" in encoder:
         return _vit_from_encoder(encoder, arch=arch, image_size=image_size, mean=mean, std=std)
+    if arch is not None and arch not in RESNETS:
+        raise ConversionError(
+            f"--arch={arch}, but the checkpoint holds a ResNet ({_described_resnet(encoder)}): "
+            f"pass one of {sorted(RESNETS)} or leave --arch out.")
     arch = arch or infer_arch(encoder)  # an explicit arch is checked key by key below
-    if arch not in RESNETS:
-        raise ConversionError(f"arch must be one of {sorted(RESNETS)}, got {arch!r}.")
     conv1 = encoder["conv1.weight"]  # [width, in, k, k]
     if conv1.ndim != 4 or conv1.shape[1] != 3:
-        raise ConversionError(f"conv1.weight has shape {conv1.shape}; expected [64, 3, 7, 7] (RGB).")
+        raise ConversionError(
+            f"conv1.weight has shape {conv1.shape}; expected [64, 3, 7, 7] (RGB).")
     if conv1.shape[-1] == 3 and not cifar_stem:
         raise ConversionError(
             "conv1 is 3x3, not the ImageNet 7x7 stem: a CIFAR-style ResNet. If it is 3x3 stride 1 "
@@ -267,16 +278,28 @@ def backbone_from_encoder(encoder: dict, *, arch: str | None = None, image_size=
         except ConversionError:
             raise e from None
         if described != arch:
-            raise ConversionError(f"{e}\nThe checkpoint holds a {described}: pass --arch={described} "
-                                  f"or leave --arch out.") from None
+            raise ConversionError(f"{e}\nThe checkpoint holds a {described}: pass "
+                                  f"--arch={described} or leave --arch out.") from None
         raise
     return backbone
+
+
+def _described_resnet(encoder) -> str:
+    try:
+        return infer_arch(encoder)
+    except ConversionError:
+        return "of no supported depth"
 
 
 def _vit_from_encoder(encoder, *, arch, image_size, mean, std):
     """The Keras ViT with the encoder's (timm-named) weights; `head.*` is the projector."""
     described, patch = infer_vit(encoder)
-    arch = arch or described
+    if arch is not None and arch != described:
+        dim, depth, _ = VITS[described]
+        raise ConversionError(
+            f"--arch={arch}, but the checkpoint holds a {described} (ViT of width {dim}, {depth} "
+            f"blocks, {patch} px patches): pass --arch={described} or leave --arch out.")
+    arch = described
     tokens = encoder["pos_embed"].shape[1] - 1
     if image_size % patch or (image_size // patch) ** 2 != tokens:
         side = int(round(tokens ** 0.5)) * patch
@@ -301,13 +324,10 @@ def projector_from_encoder(encoder: dict) -> keras.Model:
         load_torch_weights(model, encoder, lambda name: head,
                            ignore=lambda k: not k.startswith(head + "."), what="linear projector")
         return model
-    linear = sorted(int(m.group(1)) for k, v in encoder.items()
-                    for m in [re.fullmatch(rf"{head}\.(\d+)\.weight", k)] if m and v.ndim == 2)
+    linear, bns = _mlp_layout(encoder, head)
     if len(linear) < 2:
         raise ConversionError(
             f"No projector head (`{head}.*`) in the checkpoint; keys: {list(encoder)[:_SHOWN]}")
-    bn_key = re.compile(rf"{head}\.(\d+)\.running_mean")
-    bns = {int(m.group(1)) for m in map(bn_key.fullmatch, encoder) if m}
     in_dim = encoder[f"{head}.{linear[0]}.weight"].shape[1]
     hidden = encoder[f"{head}.{linear[0]}.weight"].shape[0]
     out_dim = encoder[f"{head}.{linear[-1]}.weight"].shape[0]
@@ -321,24 +341,66 @@ def projector_from_encoder(encoder: dict) -> keras.Model:
     return model
 
 
+def predictor_from_checkpoint(state_dict: dict, prefix: str) -> keras.Model | None:
+    """MoCo v3's predictor `[B, dim]` -> `[B, dim]` as `build_predictor` builds it, or None if
+    the checkpoint has none (it sits beside the query encoder: `module.predictor.*`).
+
+    `predictor.0`-BN-ReLU-`predictor.3`, and with `predictor.4` (moco-v3's ViT predictor, not
+    its ResNet one) the last BN without affine: `build_predictor(..., last_bn=True)`, its running
+    statistics loaded.
+    """
+    if not prefix.endswith("base_encoder."):
+        return None
+    outer = prefix[:-len("base_encoder.")]
+    weights = {k[len(outer):]: v for k, v in state_dict.items()
+               if k.startswith(outer + "predictor.")}
+    if not weights:
+        return None
+    linear, bns = _mlp_layout(weights, "predictor")
+    if linear != [0, 3] or 1 not in bns or any(k.endswith(".bias") and int(k.split(".")[1]) in
+                                               linear for k in weights):
+        raise ConversionError(
+            f"The checkpoint's predictor is not moco-v3's Linear-BN-ReLU-Linear[-BN] without "
+            f"biases: Linear layers {linear}, BN layers {sorted(bns)}.")
+    first, last = weights["predictor.0.weight"], weights["predictor.3.weight"]
+    model = build_predictor(first.shape[1], last.shape[0], first.shape[0], last_bn=4 in bns)
+    load_torch_weights(model, weights, what="predictor")
+    return model
+
+
+def _mlp_layout(weights: dict, head: str) -> tuple[list, set]:
+    """(indices of the Linear layers, indices of the BN layers) of the `nn.Sequential` `head`."""
+    linear = sorted(int(m.group(1)) for k, v in weights.items()
+                    for m in [re.fullmatch(rf"{head}\.(\d+)\.weight", k)] if m and v.ndim == 2)
+    bn_key = re.compile(rf"{head}\.(\d+)\.running_mean")
+    return linear, {int(m.group(1)) for m in map(bn_key.fullmatch, weights) if m}
+
+
 # --- the conversion -----------------------------------------------------------------------------
 
 
 def convert(checkpoint: str, out_dir: str | None, *, arch: str | None = None, projector=False,
-            image_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, cifar_stem=False,
-            allow_pickle=False) -> dict:
+            predictor=False, image_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+            cifar_stem=False, allow_pickle=False) -> dict:
     """Converts `checkpoint` and (unless `out_dir` is None) writes its exports.
 
     Writes under `out_dir`: `saved_model/` + `backbone.keras` (`moco_tf.export.export_backbone`,
     serving input uint8 `[None, image_size, image_size, 3]`), `projector.keras` with `projector`,
-    and `conversion.json` (source, layout, arch, tensors converted).
-    Returns `{"backbone": keras.Model, "projector": keras.Model | None, "info": dict}`.
+    `predictor.keras` with `predictor` (MoCo v3 checkpoints), and `conversion.json` (source,
+    layout, arch, tensors converted).
+    Returns `{"backbone": keras.Model, "projector": keras.Model | None, "predictor": keras.Model
+    | None, "info": dict}`.
     """
     state_dict, metadata = read_checkpoint(checkpoint, allow_pickle=allow_pickle)
     encoder, prefix = query_encoder(state_dict)
     backbone = backbone_from_encoder(encoder, arch=arch, image_size=image_size, mean=mean, std=std,
                                      cifar_stem=cifar_stem)
     head = projector_from_encoder(encoder) if projector else None
+    pred = predictor_from_checkpoint(state_dict, prefix) if predictor else None
+    if predictor and pred is None:
+        raise ConversionError(
+            f"{checkpoint} has no predictor (MoCo v3 checkpoints hold `module.predictor.*`; the "
+            f"query encoder here is under {prefix!r}): leave --predictor out.")
     info = {
         "checkpoint": os.path.abspath(checkpoint),
         "prefix": prefix,
@@ -355,6 +417,7 @@ def convert(checkpoint: str, out_dir: str | None, *, arch: str | None = None, pr
         "feature_dim": int(backbone.output_shape[-1]),
         "backbone_tensors": len(backbone.weights),
         "projector": None if head is None else [int(d) for d in head.output_shape[1:]],
+        "predictor": None if pred is None else [int(d) for d in pred.output_shape[1:]],
     }
     if out_dir is not None:
         from moco_tf import export as export_lib  # writes SavedModels: only when asked to
@@ -362,10 +425,12 @@ def convert(checkpoint: str, out_dir: str | None, *, arch: str | None = None, pr
         export_lib.export_backbone(backbone, out_dir, image_shape=(image_size, image_size, 3))
         if head is not None:
             head.save(os.path.join(out_dir, PROJECTOR_FILE))
+        if pred is not None:
+            pred.save(os.path.join(out_dir, PREDICTOR_FILE))
         with open(os.path.join(out_dir, INFO_FILE), "w") as f:
             json.dump(info, f, indent=2)
         info["out_dir"] = out_dir
-    return {"backbone": backbone, "projector": head, "info": info}
+    return {"backbone": backbone, "projector": head, "predictor": pred, "info": info}
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -374,12 +439,13 @@ def convert(checkpoint: str, out_dir: str | None, *, arch: str | None = None, pr
 def _define_flags():
     from absl import flags
 
-    flags.DEFINE_string("checkpoint", None, "The .pth / .pth.tar file (MoCo v1/v2/v3 ResNet or a "
-                        "torchvision ResNet state_dict).")
+    flags.DEFINE_string("checkpoint", None, "The .pth / .pth.tar file: MoCo v1/v2/v3 (ResNet or "
+                        "ViT), or a torchvision ResNet / timm ViT state_dict.")
     flags.DEFINE_string("out", None, "Export dir to write (saved_model/, backbone.keras, ...).")
     flags.DEFINE_enum("arch", None, sorted(RESNETS) + sorted(VITS),
                       "ResNet or ViT; default: read from the checkpoint.")
     flags.DEFINE_bool("projector", False, "Also convert the fc head to projector.keras.")
+    flags.DEFINE_bool("predictor", False, "Also convert MoCo v3's predictor to predictor.keras.")
     flags.DEFINE_integer("image_size", 224, "Input size S of the exported model ([B, S, S, 3]).")
     flags.DEFINE_list("mean", [str(m) for m in IMAGENET_MEAN], "Per-channel mean (RGB in [0, 1]).")
     flags.DEFINE_list("std", [str(s) for s in IMAGENET_STD], "Per-channel std (RGB in [0, 1]).")
@@ -399,18 +465,21 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     try:
         result = convert(
-            f.checkpoint, f.out, arch=f.arch, projector=f.projector, image_size=f.image_size,
+            f.checkpoint, f.out, arch=f.arch, projector=f.projector, predictor=f.predictor,
+            image_size=f.image_size,
             mean=[float(m) for m in f.mean], std=[float(s) for s in f.std],
             cifar_stem=f.cifar_stem, allow_pickle=f.allow_pickle,
         )
     except (ConversionError, ImportError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2)  # input errors, as to_torch
     info = result["info"]
     print(f"Converted {info['layout']} {info['arch']} ({info['backbone_tensors']} tensors, "
           f"features [B, {info['feature_dim']}]) from {f.checkpoint}")
-    print(f"Written: {info['out_dir']} (saved_model/, backbone.keras"
-          f"{', ' + PROJECTOR_FILE if result['projector'] is not None else ''}, {INFO_FILE})")
+    heads = "".join(f", {file}" for file, model in ((PROJECTOR_FILE, result["projector"]),
+                                                     (PREDICTOR_FILE, result["predictor"]))
+                    if model is not None)
+    print(f"Written: {info['out_dir']} (saved_model/, backbone.keras{heads}, {INFO_FILE})")
 
 
 if __name__ == "__main__":

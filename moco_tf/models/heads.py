@@ -1,16 +1,22 @@
 """Projection heads and the MoCo v3 predictor: `[B, D]` features -> `[B, dim]` (not normalised).
 
-| recipe  | call                                                                               |
-|---------|------------------------------------------------------------------------------------|
-| MoCo v1 | `build_projector("linear", 2048, 128)`                                             |
-| MoCo v2 | `build_projector("mlp", 2048, 128)`  (2048-2048(ReLU)-128, with biases)           |
-| MoCo v3 | `build_projector("mlp", 2048, 256, hidden_dim=4096, num_layers=3, use_bn=True,     |
-|         |  last_bn=True)` and `build_predictor(256, 256, 4096)`                              |
+| recipe      | call                                                                           |
+|-------------|--------------------------------------------------------------------------------|
+| MoCo v1     | `build_projector("linear", 2048, 128)`                                         |
+| MoCo v2     | `build_projector("mlp", 2048, 128)`  (2048-2048(ReLU)-128, with biases)        |
+| MoCo v3 R50 | `build_projector("mlp", 2048, 256, hidden_dim=4096, num_layers=2, use_bn=True, |
+|             |  last_bn=True)` and `build_predictor(256, 256, 4096)`                          |
+| MoCo v3 ViT | `build_projector("mlp", 384, 256, hidden_dim=4096, num_layers=3, use_bn=True,  |
+|             |  last_bn=True)` and `build_predictor(256, 256, 4096, last_bn=True)`            |
+
+(moco-v3 `builder.py`: `_build_mlp(2 | 3, ...)` for the projectors; the predictor is
+`_build_mlp(2, dim, mlp_dim, dim)` with its final BN for ViTs, `last_bn=False` for ResNets.)
 
 Layer `i` of a head is named `"<name>.<i>"` with `i` the index the official PyTorch code gives it
 in its `nn.Sequential` (ReLU layers count too), so checkpoint keys map mechanically:
 v2 `encoder_q.fc.0.weight` -> `projector.0` kernel (transposed), `fc.2` -> `projector.2`;
-v3 `base_encoder.fc.1.running_mean` -> `projector.1` moving_mean; `predictor.3` -> `predictor.3`;
+v3 `base_encoder.fc.1.running_mean` -> `projector.1` moving_mean; `predictor.3` -> `predictor.3`,
+`predictor.4.running_var` (ViT) -> `predictor.4` moving_variance;
 v1 `encoder_q.fc.weight` -> `projector.0`.
 Dense layers use torch's `nn.Linear` default init (uniform +-1/sqrt(fan_in), bias too); BN layers
 torch's eps 1e-5 / momentum 0.1 (Keras 0.9). The last Dense and BN compute in float32 so the
@@ -66,9 +72,15 @@ def build_projector(
     return _mlp(widths, input_dim, use_bn, last_bn, use_bias, norm, split_bn_groups, name)
 
 
-def build_predictor(input_dim, output_dim, hidden_dim, *, norm="bn", split_bn_groups=8, name="predictor"):
-    """MoCo v3 predictor `q`: Dense -> BN -> ReLU -> Dense, no biases, no BN on the output."""
-    return _mlp([hidden_dim, output_dim], input_dim, True, False, False, norm, split_bn_groups, name)
+def build_predictor(input_dim, output_dim, hidden_dim, *, last_bn=False, norm="bn",
+                    split_bn_groups=8, name="predictor"):
+    """MoCo v3 predictor `q`: `[B, input_dim]` -> `[B, output_dim]`, no biases.
+
+    Dense -> BN -> ReLU -> Dense, and with `last_bn` a final BN without affine (moco-v3's ViT
+    predictor; its ResNet predictor has none, the default here).
+    """
+    return _mlp([hidden_dim, output_dim], input_dim, True, last_bn, False, norm, split_bn_groups,
+                name)
 
 
 def _mlp(widths, input_dim, use_bn, last_bn, use_bias, norm, split_bn_groups, name):
