@@ -22,15 +22,16 @@ def _step(model) -> int:
 class StepLog(keras.callbacks.Callback):
     """Appends one JSON line per step to `path`: `{"step", "loss", "top1", "lr", "momentum"}`.
 
-    `loss` is the step's own batch loss (the model's `batch_loss` log), not the epoch's running
-    mean. The file is appended across resumes, so after a crash the steps between the last
-    checkpoint and the crash appear twice; `read_step_log` keeps the last record of each step.
+    `loss` and `top1` are the step's own (the model's `batch_loss` and `batch_top1` logs), not
+    the epoch's running means; `lr` is the learning rate the step used. The file is appended
+    across resumes, so after a crash the steps between the last checkpoint and the crash appear
+    twice; `read_step_log` keeps the last record of each step.
     Each line is flushed, so a killed process loses at most the line being written.
     With `steps_per_execution > 1` Keras calls batch callbacks once per execution: one line per
     execution.
     """
 
-    KEYS = {"batch_loss": "loss", "top1": "top1", "lr": "lr", "momentum": "momentum"}
+    KEYS = {"batch_loss": "loss", "batch_top1": "top1", "lr": "lr", "momentum": "momentum"}
 
     def __init__(self, path: str):
         super().__init__()
@@ -205,10 +206,11 @@ class PeriodicCheckpoint(keras.callbacks.Callback):
 
 
 class ProgressBar(keras.callbacks.ProgbarLogger):
-    """Keras' progress bar without the step's bookkeeping logs (`batch_loss`, `finite`): it shows
-    the loss, the contrastive top-1, lr and m (and kNN at epoch ends)."""
+    """Keras' progress bar without the step's bookkeeping logs (`batch_loss`, `batch_top1`,
+    `finite`): it shows the loss, the contrastive top-1 (the epoch's running means), lr and m
+    (and kNN at epoch ends)."""
 
-    HIDDEN = ("batch_loss", "finite")
+    HIDDEN = ("batch_loss", "batch_top1", "finite")
 
     def _visible(self, logs):
         return {k: v for k, v in (logs or {}).items() if k not in self.HIDDEN}
@@ -223,8 +225,8 @@ class ProgressBar(keras.callbacks.ProgbarLogger):
 class TrainingSummaries(keras.callbacks.Callback):
     """TensorBoard summaries of a run, in `log_dir`:
 
-    - every `every_n_steps` steps: `step/loss` (the step's own), `step/top1`, `step/lr`,
-      `step/momentum`, at the global step;
+    - every `every_n_steps` steps: `step/loss` and `step/top1` (the step's own, not the epoch's
+      running means), `step/lr` (the one the step used), `step/momentum`, at the global step;
     - every epoch: `epoch/loss`, `epoch/top1` and the kNN accuracies (the kNN curve);
     - at the start: the config as hparams (`hparams` dict of str -> scalar) and, if
       `sample_views` is given, an image of augmented view pairs (`views/view1`, `views/view2`).
@@ -260,7 +262,7 @@ class TrainingSummaries(keras.callbacks.Callback):
         if step % self.every or not logs:
             return
         with self.writer.as_default(step=step):
-            for name, key in (("loss", "batch_loss"), ("top1", "top1"), ("lr", "lr"),
+            for name, key in (("loss", "batch_loss"), ("top1", "batch_top1"), ("lr", "lr"),
                               ("momentum", "momentum")):
                 if key in logs:
                     tf.summary.scalar(f"step/{name}", float(logs[key]))

@@ -10,7 +10,8 @@ import pytest
 import tensorflow as tf
 
 from configs import synthetic
-from moco_tf import data, export, losses, train_lib
+from moco_tf import callbacks, data, export, losses, train_lib
+from moco_tf.data import datasets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -24,10 +25,18 @@ def synthetic_config():
     return c
 
 
+CLASS_NAMES = ["circle", "square", "stripes", "noise"]  # names for the 4 synthetic classes
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run"))
-    model, results = train_lib.train_and_evaluate(synthetic_config(), workdir)
+    # Synthetic data has no class names; give it some, as Fashion-MNIST and image folders have,
+    # so that the run's projector shows what a labelled source gets.
+    named = lambda data_cfg: CLASS_NAMES if data_cfg.source == "synthetic" else None  # noqa: E731
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(datasets, "class_names", named)
+        model, results = train_lib.train_and_evaluate(synthetic_config(), workdir)
     return model, results, workdir
 
 
@@ -78,7 +87,7 @@ def _summaries(log_dir):
 
 
 def test_tensorboard_gets_step_and_epoch_scalars_hparams_views_and_labelled_projector(trained):
-    _, results, workdir = trained
+    model, results, workdir = trained
     tags = _summaries(os.path.join(workdir, "tensorboard"))
     # Step scalars every train.summary_every_steps (50 by default; 4 epochs x 8 steps: none at
     # 50, so the config's cadence is checked on the epoch scalars and in the next test).
@@ -90,6 +99,21 @@ def test_tensorboard_gets_step_and_epoch_scalars_hparams_views_and_labelled_proj
     for view in ("views/view1", "views/view2"):
         assert len(tags[view]) == 1  # an image of augmented pairs, at the start
     assert not any("learning_rate" in tag or "finite" in tag for tag in tags)
+    # The embedding projector: test-set features, one metadata row per point with its class name.
+    log_dir = os.path.join(workdir, "tensorboard", "projector")
+    config = open(os.path.join(log_dir, "projector_config.pbtxt")).read()
+    assert 'metadata_path: "metadata.tsv"' in config and 'image_path: "sprite.png"' in config
+    rows = [line.rstrip("\n").split("\t") for line in open(os.path.join(log_dir, "metadata.tsv"))]
+    assert rows[0] == ["label", "class"]
+    c = synthetic_config()
+    test_set = data.eval_dataset(c.data, c.data.eval_split, 64)
+    images, labels = [np.concatenate(t) for t in zip(*test_set)]
+    count = results["projector_examples"]
+    assert count == len(rows) - 1 == min(len(labels), train_lib.PROJECTOR_EXAMPLES)
+    assert rows[1:] == [[str(y), CLASS_NAMES[y]] for y in labels[:count]]
+    assert len({name for _, name in rows[1:]}) == 4
+    embedding = tf.train.load_checkpoint(log_dir).get_tensor("embedding/.ATTRIBUTES/VARIABLE_VALUE")
+    np.testing.assert_allclose(embedding, model.backbone(images[:count]).numpy(), atol=1e-5)
 
 
 def test_step_scalars_every_n_steps_and_a_progress_bar_without_bookkeeping(tmp_path, capfd):
@@ -101,9 +125,39 @@ def test_step_scalars_every_n_steps_and_a_progress_bar_without_bookkeeping(tmp_p
     tags = _summaries(str(tmp_path / "tensorboard"))
     for key in ("loss", "top1", "lr", "momentum"):
         assert [step for step, _ in tags[f"step/{key}"]] == [2, 4, 6], key
+    # Each step scalar is that step's own value (steps.jsonl has every step), not a running mean:
+    # the epoch's top-1 is the mean of the steps' top-1s.
+    steps = callbacks.read_step_log(str(tmp_path / train_lib.STEP_LOG))
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "top1", "lr"):
+        assert [float(v) for _, v in tags[f"step/{key}"]] == pytest.approx(
+            [steps[s][key] for s in (2, 4, 6)], rel=1e-6), key
+    top1 = [steps[s]["top1"] for s in range(1, 7)]
+    assert float(tags["epoch/top1"][0][1]) == pytest.approx(np.mean(top1), rel=1e-5)
+    assert len(set(top1)) > 1  # the steps' own values differ: their means would tell apart
+    # The lr a step used: the cosine schedule (different at every step) at the step's index, so
+    # the last step's lr is not the schedule's end (0).
+    schedule = train_lib.learning_rate(c, total_steps=6, epoch_steps=6)
+    assert [steps[s]["lr"] for s in range(1, 7)] == pytest.approx(
+        [float(schedule(s - 1)) for s in range(1, 7)], rel=1e-6)
+    assert steps[6]["lr"] > 0
     bar = capfd.readouterr().out
     assert "top1" in bar and "momentum" in bar and "lr" in bar
-    assert "finite" not in bar and "batch_loss" not in bar
+    assert "finite" not in bar and "batch_loss" not in bar and "batch_top1" not in bar
+
+
+def test_predict_scales_integer_images_of_any_dtype_and_refuses_other_values(trained):
+    model = trained[0]
+    images = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 1), dtype=np.uint8)
+    expected = model.predict(images.astype(np.float32) / 255.0, verbose=0)
+    np.testing.assert_allclose(model.predict(images, verbose=0), expected, atol=1e-6)
+    for dtype in (np.int16, np.int32, np.int64, np.uint16):  # 8-bit values in a wider type
+        np.testing.assert_allclose(model.predict(images.astype(dtype), verbose=0), expected,
+                                   atol=1e-6, err_msg=str(dtype))
+    assert np.abs(model.predict(images.astype(np.float32), verbose=0) - expected).max() > 1e-3
+    for bad in (images.astype(np.int32) * 257, images.astype(np.int16) - 128):  # 16-bit, signed
+        with pytest.raises(tf.errors.InvalidArgumentError, match="pixel values 0..255"):
+            model.predict(bad, verbose=0)
 
 
 def test_learned_features_beat_chance_on_the_synthetic_classes(trained):

@@ -25,7 +25,9 @@ class MoCo(keras.Model):
 
     Inputs to `fit`: a dataset of dicts `{"view1": [B, H, W, C], "view2": [B, H, W, C]}`, float32
     images in [0, 1] — or uint8 crops with an `augmenter` (two augmentations of the same
-    images). `call(images)` returns the query backbone's features `[B, D]`.
+    images). `call(images)` (and `predict`) returns the query backbone's features `[B, D]` of
+    float images in [0, 1] or integer ones in 0..255. `backbone` itself takes floats in [0, 1]
+    only: Keras casts integers to float 0..255 before its first layer, without an error.
 
     Args:
       backbone: keras.Model, images [B, H, W, C] -> features [B, D].
@@ -107,9 +109,17 @@ class MoCo(keras.Model):
         return [self.loss_tracker, self.top1_tracker]
 
     def call(self, images, training=False):
-        """Query-backbone features [B, D] of images [B, H, W, C]: float in [0, 1], or uint8
-        (scaled by 1/255 here, as the input pipeline does)."""
-        if images.dtype == tf.uint8:
+        """Query-backbone features [B, D] of images [B, H, W, C]: float in [0, 1], or integer
+        pixel values 0..255 of any integer dtype (scaled by 1/255 here, as the input pipeline
+        does; a value outside 0..255, e.g. a 16-bit image, raises InvalidArgumentError)."""
+        images = tf.convert_to_tensor(images)
+        if images.dtype.is_integer:
+            if images.dtype != tf.uint8:  # a wider integer type: 8-bit values, or refused
+                low, high = tf.reduce_min(images), tf.reduce_max(images)
+                tf.debugging.Assert(tf.logical_and(low >= 0, high <= 255), [
+                    f"MoCo takes integer images as pixel values 0..255; this {images.dtype.name} "
+                    f"batch is not (a 16-bit image?): convert it to uint8 or to float32 in [0, 1] "
+                    f"first. Its values range from", low, "to", high])
             images = tf.cast(images, tf.float32) / 255.0
         return self.backbone(images, training=training)
 
@@ -187,6 +197,8 @@ class MoCo(keras.Model):
         # forward pass alone already updates BN statistics).
         state = self._step_state() if self.skip_nonfinite else []
         saved = [tf.identity(v.value) for v in state]
+        # The lr this step uses: a schedule reads the step counter, which the step increments.
+        lr = tf.cast(self.optimizer.learning_rate, tf.float32)
         loss, hits, finite = self._contrastive_step(x1, x2)
         # One select per variable, no tf.cond around apply_gradients (which a strategy cannot
         # merge_call in).
@@ -202,10 +214,12 @@ class MoCo(keras.Model):
             self.top1_tracker.update_state(batch_top1)
         return distribute.step_logs({
             "loss": self.loss_tracker.result(),
-            "batch_loss": batch_loss,  # this step's own loss (StepLog), not a mean
             "top1": self.top1_tracker.result(),
+            # This step's own loss and top-1 (StepLog, TensorBoard's step scalars), not means.
+            "batch_loss": batch_loss,
+            "batch_top1": batch_top1,
             "momentum": tf.identity(self.momentum),
-            "lr": tf.cast(self.optimizer.learning_rate, tf.float32),
+            "lr": lr,
             "finite": tf.cast(finite, tf.float32),  # 0.0: NaN/inf loss or gradient (skipped?)
         })
 
