@@ -4,7 +4,10 @@
   saved_model/    TF SavedModel for serving (TF Serving, TFLite, `tf.saved_model.load`);
                   `serving_default`: uint8 `[None, H, W, C]` -> {"features": float32 [None, D]}.
   backbone.keras  the Keras backbone made of plain Keras layers (`plain_keras`), for
-                  fine-tuning: `keras.models.load_model` (or `load_backbone`).
+                  fine-tuning: `keras.models.load_model` (or `load_backbone`). It takes float
+                  images in [0, 1], as in training: Keras casts any other input to float32
+                  before the first layer, so uint8 images must be divided by 255 first (given
+                  as they are, they are computed on as values 0..255, without an error).
 """
 from __future__ import annotations
 
@@ -32,6 +35,9 @@ def export_backbone(backbone: keras.Model, export_dir: str, *, image_shape: Sequ
       `export_dir`. Endpoints of the SavedModel:
         `serving_default(images: uint8 [None, H, W, C]) -> {"features": float32 [None, D]}`
         `features_from_float(images: float32 [None, H, W, C] in [0, 1]) -> {"features": ...}`
+      An empty batch [0, H, W, C] gives features [0, D]. `backbone.keras` takes float32 images
+      in [0, 1] only: a uint8 batch must be divided by 255 first (Keras would silently cast it
+      to float 0..255).
     """
     image_shape = tuple(int(d) for d in image_shape)
     if len(image_shape) != 3:
@@ -54,9 +60,18 @@ def export_backbone(backbone: keras.Model, export_dir: str, *, image_shape: Sequ
                 f"batch axis); got shape:", shape])]):
             return tf.identity(images)
 
-    def features_from_float(images):
+    dim = int(backbone.output_shape[-1])
+
+    def features(images):
         # Inference mode: BN moving statistics; a float32 output even under mixed precision.
-        return {"features": tf.cast(backbone(checked(images), training=False), tf.float32)}
+        return tf.cast(backbone(images, training=False), tf.float32)
+
+    def features_from_float(images):
+        images = checked(images)
+        # An empty batch (a batching client may send one) gives empty features; the backbone's
+        # kernels would fail on it with a shape error naming a BN layer.
+        return {"features": tf.cond(tf.shape(images)[0] > 0, lambda: features(images),
+                                    lambda: tf.zeros([0, dim], tf.float32))}
 
     def serving_default(images):
         # Serving clients send raw bytes; scale exactly as the training pipeline does.

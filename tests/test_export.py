@@ -206,3 +206,15 @@ def test_model_save_stores_each_weight_once_and_loads_back(tmp_path):
         for a, b in zip(model.weights, again.weights):
             np.testing.assert_array_equal(a.numpy(), b.numpy())
         assert again.momentum_scope == scope
+
+
+def test_an_empty_batch_serves_empty_features(exported):
+    # A batching client may send zero images: [0, D] back, not a shape error from a BN kernel.
+    model, export_dir = exported
+    features = export.load_serving(export_dir)
+    empty = features(np.zeros((0, *IMAGE_SHAPE), np.uint8))
+    assert empty.shape == (0, 8) and empty.dtype == "float32"
+    from_float = features.saved_model.features_from_float(np.zeros((0, *IMAGE_SHAPE), np.float32))
+    assert from_float["features"].shape == (0, 8)
+    np.testing.assert_allclose(features(_images(2)).numpy(), _in_memory(model, _images(2)),
+                               atol=1e-5)  # and a batch after it is served as before
