@@ -120,3 +120,30 @@ def test_embedding_projector_writes_features_labels_and_sprite(tmp_path):
     sprite = tf.io.decode_png(tf.io.read_file(os.path.join(log_dir, "sprite.png"))).numpy()
     assert sprite.shape == (5 * 16, 5 * 16, 1)  # 25 thumbnails of 16 px in a 5 x 5 grid
     np.testing.assert_array_equal(sprite[:16, 16:32, 0], np.round(images[1, :, :, 0] * 255))
+
+
+LAZY_EVAL = """
+import sys
+import moco_tf
+assert "tensorflow" not in sys.modules  # `import moco_tf` (and moco_tf.eval) stays light
+evaluation = moco_tf.eval
+assert "tensorflow" not in sys.modules and "moco_tf.eval.linear" not in sys.modules
+print(moco_tf.eval.projector.write_embedding_projector.__module__)
+print(moco_tf.eval.linear.train_linear.__module__, moco_tf.eval.knn_accuracy.__module__)
+from moco_tf.eval import KNNMonitor, projector
+print(set(dir(moco_tf.eval)) >= {"knn", "linear", "projector", "KNNMonitor"})
+try:
+    moco_tf.eval.no_such_thing
+except AttributeError as error:
+    print(error)
+"""
+
+
+def test_eval_submodules_are_attributes_of_moco_tf_eval_after_import_moco_tf():
+    # As documented: moco_tf.eval.projector.write_embedding_projector(...) after `import moco_tf`.
+    proc = subprocess.run([sys.executable, "-c", LAZY_EVAL], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == [
+        "moco_tf.eval.projector", "moco_tf.eval.linear moco_tf.eval.knn", "True",
+        "module 'moco_tf.eval' has no attribute 'no_such_thing'"]

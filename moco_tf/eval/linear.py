@@ -9,7 +9,7 @@ One deviation, for speed on a CPU: features are computed once, on un-augmented i
 evaluation transform), and the classifier is trained on those. The official protocol feeds the
 classifier random-resized crops and flips, which needs the backbone for every step; with the
 backbone frozen and no augmentation the features never change, so computing them once is exact
-for this variant and takes seconds instead of 100 backbone passes over the data.
+for this variant and needs one backbone pass over the data instead of 100.
 
 Feature scale: lr 30 was tuned for a ResNet-50's pooled post-ReLU features. `normalize` chooses
 what the classifier sees:
