@@ -12,9 +12,12 @@ Submodules (`moco_tf.config`, `moco_tf.data`, `moco_tf.callbacks`, ...) load on 
 """
 
 import importlib
+import importlib.util
+import os
+import sys
 
 # name -> module. Imported on first use (PEP 562), so that `import moco_tf.config` (every config
-# file does) does not load TensorFlow: train.py reports a config mistake in about a second.
+# file does) does not load TensorFlow: train.py reports a config mistake before it loads.
 _API = {
     "MoCo": "moco_tf.models.contrastive",
     "MomentumSchedule": "moco_tf.momentum",
@@ -27,9 +30,30 @@ _API = {
     "SGD": "moco_tf.optimizers",
     "LARS": "moco_tf.optimizers",
 }
-_SUBMODULES = ("callbacks", "checkpoint", "config", "convert", "data", "distribute", "eval",
-               "export", "losses", "models", "momentum", "optimizers", "train_lib")
+_SUBMODULES = ("callbacks", "checkpoint", "config", "configs", "convert", "data", "distribute",
+               "eval", "export", "losses", "models", "momentum", "optimizers", "train_lib")
 __all__ = sorted(_API)
+
+
+def _checkout_configs():
+    """The bundled configs are `moco_tf.configs`: in a wheel the folder moco_tf/configs
+    (pyproject.toml's package-dir), in a checkout its top-level configs/ (where `python train.py
+    --config=configs/moco_v2.py` reads them), registered here. Only an empty __init__ runs."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    folder = os.path.join(os.path.dirname(here), "configs")
+    if (f"{__name__}.configs" in sys.modules or os.path.isdir(os.path.join(here, "configs"))
+            or not os.path.isfile(os.path.join(folder, "__init__.py"))):
+        return
+    spec = importlib.util.spec_from_file_location(
+        f"{__name__}.configs", os.path.join(folder, "__init__.py"),
+        submodule_search_locations=[folder])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    globals()["configs"] = module
+
+
+_checkout_configs()
 
 
 def __getattr__(name):
