@@ -6,10 +6,16 @@
 
 - `torchvision`: a ResNet `state_dict` (`torch.save`) that loads with `strict=True` into
   `torchvision.models.resnet50()` / `resnet18()` once `fc` is replaced by `nn.Identity()`.
+  Every BN's `num_batches_tracked` is written as 0: Keras' BN keeps no such counter, and
+  PyTorch reads it only for BN with `momentum=None` (a cumulative average of the statistics),
+  not at torch's default momentum 0.1, nor in eval mode. A torch -> Keras -> torch round trip
+  therefore gives every tensor back bit for bit except these counters, which come back as 0.
 - `detectron2`: the pickle facebookresearch/moco's `detection/convert-pretrain-to-detectron2.py`
   writes (`{"model": {name: ndarray}, "__author__": "MOCO", "matching_heuristics": True}`, the
-  keys renamed to detectron2's: `stem.conv1.norm.weight`, `res2.0.conv1.weight`, ...), for
-  `MODEL.WEIGHTS` with the MoCo detection configs (which use ImageNet's mean/std).
+  keys renamed by its rules to detectron2's: `stem.conv1.norm.weight`, `res2.0.conv1.weight`,
+  ...), for `MODEL.WEIGHTS` with the MoCo detection configs (which use ImageNet's mean/std). One
+  difference: the official script also copies the `num_batches_tracked` counters (and `fc`);
+  they are left out, as detectron2's frozen BN has no such buffer and ours would be 0.
 - `timm`: a ViT `state_dict` in timm's names, wrapped as moco-v3's `convert_to_deit.py` does
   (`{"model": state_dict}`), for DeiT / timm's `VisionTransformer` (without `head`).
 
@@ -60,13 +66,16 @@ def export_state_dict(backbone) -> tuple[str, dict, dict]:
             f"{conv1.shape[-1]} stem; torchvision's {arch}() has width 64 and a 7x7 stem, so its "
             f"state_dict would not load. (The CIFAR-stem, narrow quickstart models have no "
             f"torchvision constructor.)")
-    for key in [k for k in state if k.endswith(".running_var")]:  # torch BN buffers
+    # torch's BN counter, for strict loading. Keras has none; 0 is what torch needs it for:
+    # nothing, unless BN momentum is None (docstring).
+    for key in [k for k in state if k.endswith(".running_var")]:
         state[key[:-len("running_var")] + "num_batches_tracked"] = np.zeros((), np.int64)
     return arch, state, norm
 
 
 def detectron2_names(state: dict) -> dict:
-    """torchvision ResNet keys -> detectron2's, exactly as the official conversion script."""
+    """torchvision ResNet keys -> detectron2's by the official conversion script's renaming
+    rules; the `num_batches_tracked` counters are left out (module docstring)."""
     out = {}
     for key, value in state.items():
         if key.endswith("num_batches_tracked"):
@@ -116,8 +125,15 @@ def convert(export_dir: str, out: str, fmt: str = "torchvision", *, force: bool 
     if not os.path.isfile(os.path.join(export_dir, KERAS_FILE)):
         raise ConversionError(f"{export_dir} is not an export folder (no {KERAS_FILE} in it): "
                               f"pass the export/ folder a training or a conversion wrote.")
+    if os.path.isdir(out):
+        raise ConversionError(f"--out={out} is a directory; --out takes the path of the file to "
+                              f"write, e.g. {os.path.join(out, 'backbone.pth')}.")
     if os.path.exists(out) and not force:
         raise ConversionError(f"{out} exists; pass --force to overwrite it.")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise ConversionError(f"--out={out}: the folder {folder} does not exist; create it "
+                              f"first (mkdir -p {folder}).")
     arch, state, norm = export_state_dict(load_backbone(export_dir))
     write(state, arch, fmt, out)
     info = {"format": fmt, "arch": arch, "tensors": len(state), "source": export_dir,
