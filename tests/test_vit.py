@@ -62,7 +62,16 @@ def test_the_vit_recipe_is_the_papers():
             "adamw", 1.5e-4, 0.1)
         assert (c.train.warmup_epochs, c.train.epochs, c.train.batch_size) == (40, 300, 4096)
         assert c.moco.temperature == 0.2 and c.moco.loss_scale == pytest.approx(0.4)
-    assert moco_v3.get_config("").model.projector_layers == 2  # ResNet: 2 (builder.py)
+        assert tuple(c.data.crop_scale) == (0.08, 1.0) and c.precision == "auto"  # AMP there
+    # ResNet-50, 300 epochs (CONFIG.md over main_moco.py's defaults).
+    r50 = moco_v3.get_config("")
+    assert r50.model.projector_layers == 2  # builder.py: 2 for ResNets
+    assert (r50.train.optimizer, r50.train.base_learning_rate, r50.train.weight_decay) == (
+        "lars", 0.3, 1e-6)
+    assert (r50.train.warmup_epochs, r50.train.epochs, r50.train.batch_size) == (10, 300, 4096)
+    assert tuple(r50.data.crop_scale) == (0.2, 1.0) and r50.moco.temperature == 1.0
+    assert (r50.moco.momentum, r50.moco.momentum_schedule, r50.moco.dim) == (0.99, "cosine", 256)
+    assert moco_v3.get_config("vit_runlocal").precision == "float32"
     optimizer = train_lib.build_model(moco_v3.get_config("vit_runlocal")).optimizer
     assert isinstance(optimizer, keras.optimizers.AdamW) and optimizer.epsilon == 1e-8
 
