@@ -31,18 +31,20 @@ def get_config(variant=""):
     c.data.image_size = 28
     c.data.channels = 1
     c.data.augmentation = "moco_v2"
-    c.data.crop_scale = (0.3, 1.0)  # 0.2 is too harsh at 28 px; 0.5 lost at 14 epochs (docs/results.md)
+    # 0.2 is too harsh at 28 px; 0.5 lost at 14 epochs (docs/results.md)
+    c.data.crop_scale = (0.3, 1.0)
     c.data.mean = (0.2860,)  # Fashion-MNIST training-set statistics
     c.data.std = (0.3530,)
 
-    # bfloat16 where the CPU computes it (2.3x float32's speed where the results were measured),
-    # float32 where TensorFlow would emulate it (5.4x slower than float32 on an AVX2-only CPU).
+    # bfloat16 where the CPU computes it, float32 where TensorFlow would emulate it (emulated
+    # bfloat16 is several times slower than float32; the speeds are in docs/results.md).
     c.precision = "auto"
     # Not bit-identical between reruns (they agree to a few tenths of a point of kNN):
-    # --config.deterministic=True makes them so, at ~25% of the step rate (docs/checkpoints.md).
+    # --config.deterministic=True makes them so, at a cost in speed (docs/checkpoints.md).
     c.deterministic = False
 
-    # Width 16 (channels 16-32-64-128): at equal wall time it beat width 32 (pilots in docs/results.md).
+    # Width 16 (channels 16-32-64-128): at equal wall time it beat width 32 (pilots in
+    # docs/results.md).
     c.model.backbone = "resnet18"
     c.model.width = 16
     c.model.cifar_stem = True
@@ -51,24 +53,25 @@ def get_config(variant=""):
     c.model.projector = "mlp"
 
     c.moco.dim = 128
-    c.moco.momentum_scope = "from:layer4"  # one backbone pass up to layer3; EMA of layer4 + projector
+    # One backbone pass up to layer3; EMA copies of layer4 + the projector.
+    c.moco.momentum_scope = "from:layer4"
     c.moco.negatives = "both_views"  # the other 2N - 2 images of the batch (no queue)
     c.moco.symmetric = True
     c.moco.queue_size = 4096  # used by :moco_v2 only
     c.moco.momentum = 0.99
     c.moco.temperature = 0.1  # as the official CIFAR demo; beat 0.2 in the pilots
 
-    c.train.epochs = 14  # 234 steps each at ~600 img/s in bfloat16: ~23 minutes of training
+    c.train.epochs = 14  # 234 steps each (60,000 images // 256)
     c.train.batch_size = 256
     # lr = 0.06 * batch_size / 256: beat 0.03; 0.12 tied at k=200, lost at k=20 (docs/results.md)
     c.train.base_learning_rate = 0.06
     c.train.lr_schedule = "cosine"
     c.train.weight_decay = 5e-4
 
-    c.eval.knn_every_epochs = 4  # ~30 s each; and after the last epoch
+    c.eval.knn_every_epochs = 4  # and after the last epoch
     c.eval.raw_pixel_baseline = True
 
-    if variant == "moco_v2":  # 82.46% / 84.98% kNN at 14 epochs, ~17 min of training
+    if variant == "moco_v2":  # its results: docs/results.md
         c.update_from_flattened_dict(MOCO_V2)
     if variant == "smoke":
         c.precision = "float32"

@@ -39,7 +39,8 @@ def _conv_init():
     A new instance per layer: an unseeded Keras 3 initializer fixes its seed at construction, so
     one shared instance would give every same-shaped kernel identical values.
     """
-    return keras.initializers.VarianceScaling(2.0, mode="fan_out", distribution="untruncated_normal")
+    return keras.initializers.VarianceScaling(2.0, mode="fan_out",
+                                              distribution="untruncated_normal")
 
 
 # arch -> (block type, blocks per stage); the stages are torchvision's layer1..layer4.
@@ -116,7 +117,8 @@ class SplitBatchNorm(keras.layers.BatchNormalization):
 
     def build(self, input_shape):
         if self.axis not in (-1, len(input_shape) - 1):
-            raise ValueError(f"SplitBatchNorm needs channels-last inputs (axis=-1), got axis={self.axis}.")
+            raise ValueError(
+                f"SplitBatchNorm needs channels-last inputs (axis=-1), got axis={self.axis}.")
         super().build(input_shape)
 
     def call(self, inputs, training=None, mask=None):
@@ -174,9 +176,10 @@ class SplitBatchNorm(keras.layers.BatchNormalization):
     def _fused_call(self, inputs):
         """Images [B, H, W, C]: TF's fused batch-norm kernel, forward and backward in one op each.
 
-        A narrow ResNet's BN layer took about half the time this way than with the composite ops
-        above (forward+backward, measured on CPU), and BN is a large share of its step. The G sub-batches become channels so that one kernel call
-        normalises them all: [B, H, W, C] -> [G, B/G, H, W, C] -> [B/G, H, W, G*C].
+        One kernel call per direction instead of the composite ops above: BN is a large share of a
+        narrow ResNet's step (docs/performance.md has the measurement). The G sub-batches become
+        channels so that one call normalises them all:
+        [B, H, W, C] -> [G, B/G, H, W, C] -> [B/G, H, W, G*C].
         """
         groups, channels = self.num_splits, inputs.shape[-1]
         _, height, width, _ = tf.unstack(tf.shape(inputs))
@@ -213,7 +216,7 @@ class SplitBatchNorm(keras.layers.BatchNormalization):
 
 
 def batch_norm(norm, split_bn_groups=8, **kwargs):
-    """The BN layer of `norm`: "bn" (one batch, TF's fused kernel on images: faster on CPU),
+    """The BN layer of `norm`: "bn" (one batch, TF's fused kernel on images),
     "split_bn" (`split_bn_groups` sub-batches) or "sync_bn" (the global batch of all replicas) —
     all `SplitBatchNorm`, with torch's moving statistics."""
     if norm not in NORMS:
@@ -250,9 +253,10 @@ def build_backbone(
         sub-batches) or "sync_bn" (BatchNormalization(synchronized=True), across replicas).
       mean, std: per-channel (or scalar) constants of the input normalisation; default 0 and 1.
       width: ResNets: channels of conv1 and layer1 (64 in torchvision; layer2-4 have 2x, 4x, 8x).
-        Narrower ResNets (e.g. 32) train several times faster on a CPU; only 64 matches torch weights.
-      zero_init_residual: ResNets: gamma of the last BN of each block starts at 0 (torchvision
-        option, off by default as in MoCo).
+        A narrower ResNet computes about (width / 64)^2 of the convolutions; only 64 matches
+        torchvision's weights.
+      zero_init_residual: ResNets: gamma of the last BN of each block starts at 0 (torchvision's
+        option: off in MoCo v1/v2, on in moco-v3's ResNet-50).
     """
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}.")
@@ -276,7 +280,8 @@ def build_backbone(
         return batch_norm(norm, split_bn_groups, **kwargs)
 
     inputs = keras.Input(shape=tuple(input_shape), name="images")
-    x = Standardize(0.0 if mean is None else mean, 1.0 if std is None else std, name="normalize")(inputs)
+    x = Standardize(0.0 if mean is None else mean, 1.0 if std is None else std,
+                    name="normalize")(inputs)
     if name in RESNETS:
         x = _resnet(x, *RESNETS[name], norm_layer, cifar_stem, zero_init_residual, width,
                     stem_stride)
@@ -304,7 +309,8 @@ def _conv(x, filters, kernel, stride, name):
         x = keras.layers.ZeroPadding2D(kernel // 2, name=f"{name}_pad")(x)
         padding = "valid"
     return keras.layers.Conv2D(
-        filters, kernel, stride, padding=padding, use_bias=False, kernel_initializer=_conv_init(), name=name
+        filters, kernel, stride, padding=padding, use_bias=False, kernel_initializer=_conv_init(),
+        name=name
     )(x)
 
 
@@ -315,7 +321,8 @@ def _relu(x, name):
 def _basic_block(x, planes, stride, prefix, norm_layer, zero_init):
     """torchvision BasicBlock: 3x3 -> BN -> ReLU -> 3x3 -> BN, + shortcut, ReLU."""
     shortcut = _downsample(x, planes, stride, prefix, norm_layer)
-    y = _relu(norm_layer(f"{prefix}.bn1")(_conv(x, planes, 3, stride, f"{prefix}.conv1")), f"{prefix}.relu1")
+    y = _relu(norm_layer(f"{prefix}.bn1")(_conv(x, planes, 3, stride, f"{prefix}.conv1")),
+              f"{prefix}.relu1")
     y = norm_layer(f"{prefix}.bn2", zero_init)(_conv(y, planes, 3, 1, f"{prefix}.conv2"))
     return _relu(keras.layers.Add(name=f"{prefix}.add")([y, shortcut]), f"{prefix}.out")
 
@@ -323,8 +330,10 @@ def _basic_block(x, planes, stride, prefix, norm_layer, zero_init):
 def _bottleneck_block(x, planes, stride, prefix, norm_layer, zero_init):
     """torchvision Bottleneck (v1.5): 1x1 -> 3x3 (stride here) -> 1x1 (x4), + shortcut, ReLU."""
     shortcut = _downsample(x, planes * 4, stride, prefix, norm_layer)
-    y = _relu(norm_layer(f"{prefix}.bn1")(_conv(x, planes, 1, 1, f"{prefix}.conv1")), f"{prefix}.relu1")
-    y = _relu(norm_layer(f"{prefix}.bn2")(_conv(y, planes, 3, stride, f"{prefix}.conv2")), f"{prefix}.relu2")
+    y = _relu(norm_layer(f"{prefix}.bn1")(_conv(x, planes, 1, 1, f"{prefix}.conv1")),
+              f"{prefix}.relu1")
+    y = _relu(norm_layer(f"{prefix}.bn2")(_conv(y, planes, 3, stride, f"{prefix}.conv2")),
+              f"{prefix}.relu2")
     y = norm_layer(f"{prefix}.bn3", zero_init)(_conv(y, planes * 4, 1, 1, f"{prefix}.conv3"))
     return _relu(keras.layers.Add(name=f"{prefix}.add")([y, shortcut]), f"{prefix}.out")
 
