@@ -6,7 +6,7 @@ CIFAR stem, 32 px, batch 256, K = 4096). After `--warmup` steps, `--steps` steps
 op executions in it are summed by op type. Ops run on two inter-op threads at once, so the op
 times add up to more than the wall time; the shares are of the summed op time.
 
-    python benchmarks/profile_step.py > profile.json                  # ~1 min on 2 idle cores
+    python benchmarks/profile_step.py > profile.json                  # the float32 step
     python benchmarks/profile_step.py --precision mixed_bfloat16
 
 Prints one JSON object: wall seconds per step, the share of convolutions (forward, backward to

@@ -1,8 +1,8 @@
 """MoCo v2 training-step throughput and peak memory on CPU: our `model.fit` vs the bare backbone
 work vs the PyTorch reference, side by side in one run.
 
-The step has the shape of the reference (`../shared/benchmarks/torch_moco_ref.py`, the official
-MoCo v2 step): ResNet-18 with the CIFAR stem (width 64), 32 px RGB, batch 256, K = 4096, MLP
+The step has the shape of the reference (`benchmarks/torch_moco_ref.py`, the official MoCo v2
+step in PyTorch): ResNet-18 with the CIFAR stem (width 64), 32 px RGB, batch 256, K = 4096, MLP
 projector 512-512-128, m = 0.99, T = 0.2, SGD(0.03, momentum 0.9, weight decay 1e-4), plain BN with
 the key batch shuffled. Modes (each in its own child process, so its peak RSS is its own and the
 global Keras dtype policy starts fresh):
@@ -16,7 +16,7 @@ global Keras dtype policy starts fresh):
                           configs/projector_momentum.py trains): projector scope saves the key
                           backbone's forward passes only when both views' backbone features are
                           computed anyway, i.e. with the symmetric loss.
-  torch_eager, torch_compile   (--compare-torch) the reference step, copied below.
+  torch_eager, torch_compile   (--compare-torch) the reference step (torch_moco_ref.MoCo).
 
 How close both steps come to what their convolution kernels allow was a one-off investigation:
 `experiments/conv_bound.py`, numbers in docs/performance.md.
@@ -24,14 +24,16 @@ How close both steps come to what their convolution kernels allow was a one-off 
 Timing: `fit` on a cached in-memory dataset of random images (a few distinct batches, repeated);
 the first `--warmup` executions (tracing, allocation) are dropped and the median of the next
 `--steps` is reported, as the reference does. `--steps-per-execution N` runs N steps per
-tf.function call (off by default: at ~3 s per step the per-call overhead is ~0.1%).
+tf.function call (off by default: the per-call overhead is small next to a ResNet-18 step
+at batch 256).
 
-    python benchmarks/step.py --compare-torch > step.json      # ~15 min on 2 idle cores
+    python benchmarks/step.py --compare-torch > step.json      # every mode, torch included
     python benchmarks/step.py --modes fit_fp32,fit_bf16         # a subset
     python benchmarks/step.py --size 8 --batch 8 --steps 2 --queue 64 --width 8   # smoke run
 
 Prints one JSON object on stdout (img/s per mode, peak memory, MoCo overhead, and with
---compare-torch the ratios against the issue-7 targets with pass/fail); a summary on stderr.
+--compare-torch the ratios against the performance targets, `TARGETS`, with pass/fail); a
+summary on stderr.
 """
 import argparse
 import json
@@ -72,7 +74,8 @@ TF_MODES = ["fit_fp32", "fit_bf16", "backbone_only", "backbone_only_bf16", "full
             "projector_momentum", "full_ema_symmetric", "projector_momentum_symmetric"]
 TORCH_MODES = ["torch_eager", "torch_compile"]
 
-# Issue 7's targets: (name, numerator key, denominator key, comparison, bound).
+# The project's performance targets (docs/performance.md): (name, numerator key, denominator
+# key, comparison, bound).
 TARGETS = [
     ("fp32 fit / torch.compile", "fit_fp32_img_s", "torch_compile_img_s", ">=", 1.2),
     ("fp32 fit / torch eager", "fit_fp32_img_s", "torch_eager_img_s", ">=", 2.0),
@@ -244,59 +247,20 @@ def measure_tf(mode, args):
     return _summary(mode, per_step, args.batch, baseline, **extra)
 
 
-# The PyTorch reference step, copied from ../shared/benchmarks/torch_moco_ref.py (the issue's
-# faithful MoCo v2 step, official defaults) so both run with the same sizes and timing.
+def _torch_reference():
+    """benchmarks/torch_moco_ref.py as a module (benchmarks/ is not a package); imports torch."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_moco_ref.py")
+    spec = importlib.util.spec_from_file_location("torch_moco_ref", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _torch_backbone(arch, dim):
-    import torch.nn as nn
-    import torchvision
-
-    if arch == "resnet18_cifar":
-        net = torchvision.models.resnet18(num_classes=dim)
-        net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        net.maxpool = nn.Identity()
-    else:
-        net = getattr(torchvision.models, arch)(num_classes=dim)
-    hid = net.fc.weight.shape[1]
-    net.fc = nn.Sequential(nn.Linear(hid, hid), nn.ReLU(), net.fc)  # v2 MLP head
-    return net
-
-
-def _torch_moco_class():
-    import torch
-    import torch.nn as nn
-    import torch.nn.functional as F
-
-    class TorchMoCo(nn.Module):
-        def __init__(self, arch, dim=128, K=4096, m=0.99, T=0.2):
-            super().__init__()
-            self.K, self.m, self.T = K, m, T
-            self.q = _torch_backbone(arch, dim)
-            self.k = _torch_backbone(arch, dim)
-            for pq, pk in zip(self.q.parameters(), self.k.parameters()):
-                pk.data.copy_(pq.data)
-                pk.requires_grad = False
-            self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))
-            self.register_buffer("ptr", torch.zeros(1, dtype=torch.long))
-
-        def forward(self, xq, xk):
-            q = F.normalize(self.q(xq), dim=1)
-            with torch.no_grad():
-                for pq, pk in zip(self.q.parameters(), self.k.parameters()):
-                    pk.data.mul_(self.m).add_(pq.data, alpha=1 - self.m)
-                idx = torch.randperm(xk.shape[0])  # single-process stand-in for shuffle BN
-                k = F.normalize(self.k(xk[idx]), dim=1)[torch.argsort(idx)]
-            logits = torch.cat([(q * k).sum(1, keepdim=True), q @ self.queue.clone()], 1) / self.T
-            labels = torch.zeros(q.shape[0], dtype=torch.long)
-            with torch.no_grad():
-                p = int(self.ptr)
-                n = k.shape[0]
-                self.queue[:, p:p + n] = k.T
-                self.ptr[0] = (p + n) % self.K
-            return F.cross_entropy(logits, labels)
-
-    return TorchMoCo
+    """The reference's encoder (experiments/conv_bound.py times its convolutions)."""
+    return _torch_reference().backbone(arch, dim)
 
 
 def measure_torch(mode, args):
@@ -310,7 +274,7 @@ def measure_torch(mode, args):
     xq = torch.rand(args.batch, 3, args.size, args.size)
     xk = torch.rand(args.batch, 3, args.size, args.size)
     baseline = _peak_rss_mb()
-    model = _torch_moco_class()("resnet18_cifar", K=args.queue)
+    model = _torch_reference().MoCo("resnet18_cifar", K=args.queue)
     opt = torch.optim.SGD(list(model.q.parameters()), lr=0.03, momentum=0.9, weight_decay=1e-4)
     if compiled:  # the encoders only: the in-place queue update breaks whole-model compile
         model.q = torch.compile(model.q)
