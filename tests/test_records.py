@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from moco_tf import data
@@ -138,33 +139,72 @@ def encoded(array, fmt, mode=None, **kwargs):
     return buffer.getvalue()
 
 
+def png_with_a_broken_crc(array):
+    """A PNG whose pixel chunk's checksum is wrong: TensorFlow (libpng) rejects it, PIL reads it."""
+    content = bytearray(encoded(array, "PNG"))
+    idat = content.index(b"IDAT")
+    length = int.from_bytes(content[idat - 4:idat], "big")
+    content[idat + 4 + length] ^= 0xFF
+    return bytes(content)
+
+
 def test_every_format_is_routed_and_decoded(tmp_path):
-    colour = (200, 40, 10)
+    colour, level = (200, 40, 10), 90
     rgb = np.full((20, 24, 3), colour, np.uint8)
-    files = {  # name: (bytes, decoder, tolerance)
-        "jpeg.jpg": (encoded(rgb, "JPEG", quality=95), image_folder.TF_IMAGE, 6),
+    gray = np.full((20, 24), level, np.uint8)
+    files = {  # name: (bytes, decoder, expected colour, tolerance)
+        "jpeg.jpg": (encoded(rgb, "JPEG", quality=95), image_folder.TF_IMAGE, colour, 6),
         "progressive.jpg": (encoded(rgb, "JPEG", quality=95, progressive=True),
-                            image_folder.TF_IMAGE, 6),
-        "cmyk.jpg": (encoded(rgb, "JPEG", mode="CMYK", quality=95), image_folder.TF_IMAGE, 6),
+                            image_folder.TF_IMAGE, colour, 6),
+        "cmyk.jpg": (encoded(rgb, "JPEG", mode="CMYK", quality=95), image_folder.TF_IMAGE,
+                     colour, 6),
+        "gray.jpg": (encoded(gray, "JPEG", quality=95), image_folder.TF_IMAGE, (level,) * 3, 2),
         "rgba.png": (encoded(np.dstack([rgb, np.zeros((20, 24), np.uint8)]), "PNG"),
-                     image_folder.TF_IMAGE, 0),
-        "palette.gif": (encoded(rgb, "GIF"), image_folder.TF_IMAGE, 0),
-        "bmp24.bmp": (encoded(rgb, "BMP"), image_folder.TF_IMAGE, 0),
-        "palette.bmp": (encoded(rgb, "BMP", mode="P"), image_folder.PIL_IMAGE, 8),  # dithered
-        "lossless.webp": (encoded(rgb, "WEBP", lossless=True), image_folder.TF_IMAGE, 0),
-        "scan.tif": (encoded(rgb, "TIFF"), image_folder.PIL_IMAGE, 0),
+                     image_folder.TF_IMAGE, colour, 0),
+        "gray_alpha.png": (encoded(gray, "PNG", mode="LA"), image_folder.TF_IMAGE,
+                           (level,) * 3, 0),
+        "palette.gif": (encoded(rgb, "GIF"), image_folder.TF_IMAGE, colour, 0),
+        "bmp24.bmp": (encoded(rgb, "BMP"), image_folder.TF_IMAGE, colour, 0),
+        "lossless.webp": (encoded(rgb, "WEBP", lossless=True), image_folder.TF_IMAGE, colour, 0),
+        # PIL only: no TensorFlow decoder, or TensorFlow would lose bits.
+        "palette.bmp": (encoded(rgb, "BMP", mode="P"), image_folder.PIL_IMAGE, colour, 8),
+        "bilevel.bmp": (encoded(np.full((20, 24), 255, np.uint8), "BMP", mode="1"),
+                        image_folder.PIL_IMAGE, (255,) * 3, 0),
+        "scan.tif": (encoded(rgb, "TIFF"), image_folder.PIL_IMAGE, colour, 0),
+        "cmyk.tif": (encoded(rgb, "TIFF", mode="CMYK"), image_folder.PIL_IMAGE, colour, 0),
+        "gray16.tif": (encoded(np.full((20, 24), 32768, np.uint16), "TIFF"),
+                       image_folder.PIL_IMAGE, (128,) * 3, 0),  # 32768 * 255 / 65535
+        "gray16.png": (encoded(np.full((20, 24), 32768, np.uint16), "PNG"),
+                       image_folder.PIL_IMAGE, (128,) * 3, 0),
+        # Routed to TensorFlow, which rejects it at decode time: PIL decodes it instead.
+        "broken_crc.png": (png_with_a_broken_crc(rgb), image_folder.TF_IMAGE, colour, 0),
     }
     (tmp_path / "c").mkdir()
-    for name, (content, _, _) in files.items():
+    for name, (content, _, _, _) in files.items():
         (tmp_path / "c" / name).write_bytes(content)
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        tf.io.decode_image(files["broken_crc.png"][0])
     listing = image_folder.list_folder(str(tmp_path))
     kinds = {os.path.basename(f): k for f, k in zip(listing.files, listing.kinds)}
-    assert kinds == {name: kind for name, (_, kind, _) in files.items()}
-    out = list(data.images(folder_cfg(tmp_path, image_size=8), "train").as_numpy_iterator())
-    assert len(out) == len(files)
-    for (image, label), (name, (_, _, atol)) in zip(out, sorted(files.items())):
-        assert image.shape == (8, 8, 3) and label == 0, name
-        np.testing.assert_allclose(image.reshape(-1, 3).mean(0), colour, atol=atol, err_msg=name)
+    assert kinds == {name: kind for name, (_, kind, _, _) in files.items()}
+    for channels in (3, 1):
+        cfg = folder_cfg(tmp_path, image_size=8, channels=channels)
+        out = list(data.images(cfg, "train").as_numpy_iterator())
+        assert len(out) == len(files)
+        for (image, label), (name, (_, _, expected, atol)) in zip(out, sorted(files.items())):
+            assert image.shape == (8, 8, channels) and label == 0, name
+            if channels == 1:  # ITU-R 601 luma, as PIL and libjpeg
+                expected = (np.dot(expected, (0.299, 0.587, 0.114)),)
+                atol = atol + 1
+            np.testing.assert_allclose(image.reshape(-1, channels).mean(0), expected,
+                                       atol=atol, err_msg=name)
+    # Training reads every one of them too (the crop-only recipe keeps the colours).
+    cfg = folder_cfg(tmp_path, augmentation="crop")
+    batch = next(iter(data.train_dataset(cfg, batch_size=len(files), seed=0)))
+    assert image_folder.skipped_files(str(tmp_path)) == {}
+    means = sorted(map(tuple, batch["view1"].numpy().reshape(len(files), -1, 3).mean(1) * 255))
+    expected = sorted(tuple(map(float, e)) for _, _, e, _ in files.values())
+    np.testing.assert_allclose(means, expected, atol=9)
 
 
 def test_eval_view_is_the_centre_crop(tmp_path):
@@ -206,6 +246,105 @@ def test_every_image_once_per_epoch_in_a_new_order(tmp_path):
            for b in data.train_dataset(cfg, batch_size=4, seed=3).take(6).as_numpy_iterator()]
     assert sorted(sum(ids[:3], [])) == list(range(12)) == sorted(sum(ids[3:], []))
     assert sum(ids[:3], []) != sum(ids[3:], [])
+
+
+def corrupt_png(path):
+    """A PNG whose header and end are intact but whose pixel data is destroyed: it passes the
+    listing's checks and fails in every decoder."""
+    content = bytearray(encoded(np.random.default_rng(0).integers(0, 256, (32, 32, 3),
+                                                                  dtype=np.uint8), "PNG"))
+    idat = content.index(b"IDAT") + 4
+    content[idat:idat + 200] = b"\x00" * 200
+    path.write_bytes(bytes(content))
+
+
+def test_resume_replays_the_same_batches_with_a_broken_image(tmp_path):
+    # 12 good images and one that fails to decode: batch i is always records [4i, 4i + 4), the
+    # broken image's slot is filled with another image of its batch, so a run resumed at any
+    # batch gives the batches the uninterrupted run gave.
+    gray_folder(tmp_path)
+    corrupt_png(tmp_path / "c" / "05_corrupt.png")
+    cfg = folder_cfg(tmp_path, augmentation="crop")
+    full = list(data.train_dataset(cfg, batch_size=4, seed=3).take(9).as_numpy_iterator())
+    bad = str(tmp_path / "c" / "05_corrupt.png")
+    assert list(image_folder.skipped_files(str(tmp_path))) == [bad]
+    ids = [image_ids(b["view1"]) for b in full]
+    # Every batch is full and shows good images only, one of them twice where the broken one was.
+    assert all(len(i) == 4 and set(i) <= set(range(12)) for i in ids)
+    assert sum(len(set(i)) == 3 for i in ids) >= 1
+    for start in (2, 5):
+        resumed = list(data.train_dataset(cfg, batch_size=4, seed=3, start_batch=start)
+                       .take(9 - start).as_numpy_iterator())
+        for a, b in zip(full[start:], resumed):
+            np.testing.assert_array_equal(a["view1"], b["view1"])
+            np.testing.assert_array_equal(a["view2"], b["view2"])
+    cfg.on_bad_image = "error"
+    with pytest.raises(tf.errors.InvalidArgumentError, match="05_corrupt.png: cannot decode"):
+        list(data.train_dataset(cfg, batch_size=13, seed=3).take(1))
+
+
+def test_a_batch_of_broken_images_stops_training_naming_them(tmp_path):
+    (tmp_path / "c").mkdir()
+    for k in range(3):
+        corrupt_png(tmp_path / "c" / f"{k}.png")
+    message = r"none of the 3 images of a training batch could be decoded \(.*0.png"
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        next(iter(data.train_dataset(folder_cfg(tmp_path), batch_size=3, seed=0)))
+
+
+def test_a_broken_image_at_the_end_of_an_evaluation_folder_is_named(tmp_path):
+    gray_folder(tmp_path, n=3)
+    corrupt_png(tmp_path / "c" / "99_last.png")
+    bad = str(tmp_path / "c" / "99_last.png")
+    out = list(data.images(folder_cfg(tmp_path), "train").as_numpy_iterator())
+    assert len(out) == 3
+    assert image_ids([image for image, _ in out]) == [0, 1, 2]
+    assert list(image_folder.skipped_files(str(tmp_path))) == [bad]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="99_last.png: cannot decode"):
+        list(data.images(folder_cfg(tmp_path, on_bad_image="error"), "train"))
+
+
+class TinyGrayPhotos(tfds.core.GeneratorBasedBuilder):
+    """A variable-size tfds set made here: image k a constant gray level 10 + 20k (as
+    ``gray_folder``), label k % 3."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    COUNT = 12
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
+            "label": tfds.features.ClassLabel(num_classes=3)}))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        for k in range(self.COUNT):
+            yield k, {"image": np.full((20 + k, 30, 3), 10 + 20 * k, np.uint8), "label": k % 3}
+
+
+def test_tfds_resume_in_a_later_epoch_replays_the_same_batches(tmp_path):
+    # Three files, each epoch read in its own seeded order: a resume in epoch 2 skips only
+    # inside epoch 2 (and one in epoch 10^6 starts at once), and gives the same batches.
+    builder = tfds.builder("tiny_gray_photos", data_dir=str(tmp_path))
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=3))
+    assert len(builder.info.splits["train"].file_instructions) == 3
+    cfg = folder_cfg(tmp_path, source="tfds", name="tiny_gray_photos", data_dir=str(tmp_path),
+                     augmentation="crop", shuffle_buffer=4)
+    assert datasets.uses_records(cfg)
+    full = list(data.train_dataset(cfg, batch_size=4, seed=3).take(9).as_numpy_iterator())
+    ids = [image_ids(b["view1"]) for b in full]
+    epochs = [sum(ids[3 * e:3 * e + 3], []) for e in range(3)]  # 12 images = 3 batches
+    assert all(sorted(epoch) == list(range(12)) for epoch in epochs)
+    assert epochs[0] != epochs[1] != epochs[2]
+    resumed = list(data.train_dataset(cfg, batch_size=4, seed=3, start_batch=4)
+                   .take(5).as_numpy_iterator())
+    for a, b in zip(full[4:], resumed):
+        np.testing.assert_array_equal(a["view1"], b["view1"])
+        np.testing.assert_array_equal(a["view2"], b["view2"])
+    far = next(iter(data.train_dataset(cfg, batch_size=4, seed=3, start_batch=3 * 10**6 + 1)))
+    assert set(image_ids(far["view1"])) <= set(range(12))
 
 
 @pytest.mark.parametrize("source", ["records", "in_memory"])

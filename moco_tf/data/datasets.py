@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Callable
 
 import tensorflow as tf
 
@@ -37,25 +38,23 @@ class Records:
     """Encoded images of one split: what ``records.train_views`` / ``eval_images`` read.
 
     Attributes:
-      ds: ``(data, label, kind)`` records, one pass, in file order (tfds: files shuffled when a
-        shuffle seed was given).
+      ds: ``(data, label, kind)`` records, one pass, in file order (evaluation).
       decoder: the ``records.Decoder`` for them.
-      table: image folders: the (files, labels, kinds) tensors, so that the training order can
-        be drawn as a permutation of indices per epoch; None for tfds (read in file order and
-        shuffled in a buffer of ``data.shuffle_buffer`` encoded images).
+      epochs: ``(seed int64 [2], first_position) → dataset``: the endless training order, epoch
+        e in an order drawn from (seed, e), started at record ``first_position`` without reading
+        the epochs before it.
     """
 
     ds: tf.data.Dataset
     decoder: records_lib.Decoder
-    table: tuple | None = None
+    epochs: Callable[[tf.Tensor, int], tf.data.Dataset]
 
 
-def records(data_cfg, split: str, *, shuffle_seed=None, input_context=None,
-            python=True) -> Records:
+def records(data_cfg, split: str, *, input_context=None, python=True) -> Records:
     """The records of ``split``; with ``input_context`` only this input pipeline's share of the
     files (``tf.distribute.InputContext``: every host reads its own files, none reads all).
     ``python=False``: a decoder without Python (tf.data service workers): files only PIL reads
-    are left out, and broken images are dropped without a name."""
+    are left out, and broken images are replaced without a name."""
     channels = int(data_cfg.channels)
     on_bad = data_cfg.get("on_bad_image", "skip")
     if data_cfg.source == "image_folder":
@@ -74,14 +73,34 @@ def records(data_cfg, split: str, *, shuffle_seed=None, input_context=None,
                  tf.constant(listing.kinds, tf.int32))
         bad = image_folder.BadImages(folder, channels, on_bad) if python else None
         decoder = records_lib.Decoder(channels, bad, reads_files=True)
-        return Records(tf.data.Dataset.from_tensor_slices(table), decoder, table)
+
+        def epochs(seed, first_position):  # a new permutation of the files every epoch
+            return epoch_orders(len(listing.files), seed, first_position).map(
+                lambda i: tuple(tf.gather(column, i) for column in table))
+
+        return Records(tf.data.Dataset.from_tensor_slices(table), decoder, epochs)
     if data_cfg.source == "tfds":
-        ds = tfds_source.records(data_cfg, split, shuffle_seed=shuffle_seed,
-                                 input_context=input_context)
         bad = image_folder.BadImages(f"tfds:{data_cfg.name}", channels, on_bad) if python else None
         decoder = records_lib.Decoder(channels, bad, reads_files=False)
-        return Records(ds, decoder)
+
+        def epochs(seed, first_position):
+            return tfds_source.train_records(data_cfg, split, seed, first_position,
+                                             input_context=input_context)
+
+        return Records(tfds_source.records(data_cfg, split), decoder, epochs)
     raise ValueError(f"data.source {data_cfg.source!r} is read in memory, not as records")
+
+
+def epoch_orders(n, seed, first_position=0):
+    """Indices of an n-element source for an endless run: epoch e is the permutation drawn from
+    (``seed``, e); starts at ``first_position`` without going through the epochs before it."""
+    first_epoch, offset = divmod(int(first_position), n)
+
+    def epoch(e):
+        return tf.data.Dataset.from_tensor_slices(tf.random.experimental.stateless_shuffle(
+            tf.range(n), tf.random.experimental.stateless_fold_in(seed, e)))
+
+    return tf.data.Dataset.counter(first_epoch).flat_map(epoch).skip(offset)
 
 
 def images(data_cfg, split: str, shuffle_seed=None) -> tf.data.Dataset:
@@ -103,8 +122,7 @@ def images(data_cfg, split: str, shuffle_seed=None) -> tf.data.Dataset:
             data_cfg.num_classes, seed=0 if split == data_cfg.train_split else 1)
     if uses_records(data_cfg):
         r = records(data_cfg, split)
-        return records_lib.eval_images(r.decoder, r.ds, records_lib.locator(r.ds),
-                                       image_size=int(data_cfg.image_size))
+        return records_lib.eval_images(r.decoder, r.ds, image_size=int(data_cfg.image_size))
     if source == "fashion_mnist":
         ds = fashion_mnist.fashion_mnist(data_cfg.data_dir, split)
     else:

@@ -2,8 +2,9 @@
 
 In-memory sources (DESIGN §3): decode once → cache the uint8 images → shuffle → repeat → batch →
 crop every view of the batch at once → photometric augmentation → prefetch.
-Records (image folders, tfds ImageNet): shuffle the records (file paths or JPEG bytes) → repeat →
-decode each image once and crop its two views from the whole image → batch → photometric → prefetch.
+Records (image folders, tfds ImageNet): every epoch a seeded order of the records (file paths or
+JPEG bytes) → batches fixed by position → decode each image once (a JPEG only inside the box of
+its two crops) and crop its two views from the whole image → photometric → prefetch.
 
 Every random draw is a pure function of (seed, batch index, image slot), so a pipeline started
 at batch ``start_batch`` gives the batches an uninterrupted one gave (resume). The photometric
@@ -22,8 +23,7 @@ AUTOTUNE = tf.data.AUTOTUNE
 
 def two_view_dataset(images_ds: tf.data.Dataset, *, batch_size: int, kind: str = "moco_v2",
                      image_size: int, crop_scale=(0.2, 1.0), seed: int = 0,
-                     start_batch: int = 0, with_labels: bool = False,
-                     photometric: bool = True) -> tf.data.Dataset:
+                     start_batch: int = 0, photometric: bool = True) -> tf.data.Dataset:
     """Batches of two views from YOUR dataset of images; shuffle/repeat it beforehand.
 
     Args:
@@ -34,11 +34,10 @@ def two_view_dataset(images_ds: tf.data.Dataset, *, batch_size: int, kind: str =
       seed: batch ``i`` is augmented with seed fold_in([seed, 0], i), so a pipeline rebuilt with
         the same seed (and the same input order) reproduces its batches.
       start_batch: skip this many batches first (cheap: before augmentation) — to resume.
-      with_labels: also yield ``"label"`` int32 [B] (e.g. for an online linear probe).
       photometric: False leaves colour jitter, grayscale, blur and solarize to the model
         (``augment_on="device"``): the views are the crops only.
     Returns:
-      dataset of ``{"view1": float32 [B,S,S,C], "view2": float32 [B,S,S,C]}`` (+ ``"label"``).
+      dataset of ``{"view1": float32 [B,S,S,C], "view2": float32 [B,S,S,C]}``.
     """
     spec = images_ds.element_spec
     if isinstance(spec, dict):
@@ -56,7 +55,7 @@ def two_view_dataset(images_ds: tf.data.Dataset, *, batch_size: int, kind: str =
                                    crop_scale=tuple(crop_scale), seed=seed_i)
         if photometric:
             views = augment.photometric(views, kind, seed_i)
-        return _output(views, labels, with_labels)
+        return {"view1": views[0], "view2": views[1]}
 
     ds = images_ds.batch(batch_size, drop_remainder=True).enumerate()
     if start_batch:
@@ -65,7 +64,7 @@ def two_view_dataset(images_ds: tf.data.Dataset, *, batch_size: int, kind: str =
 
 
 def train_dataset(data_cfg, batch_size: int, seed: int = 0, split: str | None = None, *,
-                  start_batch: int = 0, with_labels: bool = False,
+                  start_batch: int = 0,
                   input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
     """Infinite two-view training batches from ``data_cfg`` (the config's ``data`` section).
 
@@ -84,13 +83,11 @@ def train_dataset(data_cfg, batch_size: int, seed: int = 0, split: str | None = 
     """
     split = split or data_cfg.train_split
     if data_cfg.get("service_address", ""):
-        return _through_service(data_cfg, batch_size, seed, split, with_labels)
-    return _train_dataset(data_cfg, batch_size, seed, split, start_batch, with_labels,
-                          input_context)
+        return _through_service(data_cfg, batch_size, seed, split)
+    return _train_dataset(data_cfg, batch_size, seed, split, start_batch, input_context)
 
 
-def _train_dataset(data_cfg, batch_size, seed, split, start_batch, with_labels, input_context,
-                   salt=None):
+def _train_dataset(data_cfg, batch_size, seed, split, start_batch, input_context, salt=None):
     """``train_dataset``. ``salt`` (a tensor; tf.data service workers) replaces the pipeline id
     in the seeds and builds a pipeline without Python functions, which the workers cannot run."""
     python = salt is None
@@ -107,7 +104,7 @@ def _train_dataset(data_cfg, batch_size, seed, split, start_batch, with_labels, 
         return two_view_dataset(ds, batch_size=batch_size, kind=data_cfg.augmentation,
                                 image_size=int(data_cfg.image_size),
                                 crop_scale=data_cfg.crop_scale, seed=seed,
-                                start_batch=start_batch, with_labels=with_labels,
+                                start_batch=start_batch,
                                 photometric=photometric)
 
     # Records consumed per step by this pipeline, and the batches it yields.
@@ -116,38 +113,29 @@ def _train_dataset(data_cfg, batch_size, seed, split, start_batch, with_labels, 
         per_step = batch_size // input_context.num_input_pipelines
         batch_size = input_context.get_per_replica_batch_size(batch_size)
         pipeline_id = input_context.input_pipeline_id
-    r = datasets.records(data_cfg, split, shuffle_seed=seed if salt is None else None,
-                         input_context=input_context, python=python)
+    r = datasets.records(data_cfg, split, input_context=input_context, python=python)
     base_seed = tf.cast(tf.stack([seed, pipeline_id if salt is None else salt]), tf.int64)
     first = start_batch * per_step
-    if r.table is not None:  # an image folder: a new permutation of its files every epoch
-        ds = _epoch_orders(r.table[0].shape[0], base_seed, first).map(
-            lambda i: tuple(tf.gather(column, i) for column in r.table))
-    else:
-        ds = r.ds.shuffle(int(data_cfg.shuffle_buffer), seed=seed,
-                          reshuffle_each_iteration=True).repeat()
-        if first:
-            ds = ds.skip(first)  # records only: nothing is decoded
     recipes = augment.recipes_of(data_cfg.augmentation)
     ds = records_lib.train_views(
-        r.decoder, ds, records_lib.locator(ds, first) if python else None,
-        image_size=int(data_cfg.image_size), crop_scale=tuple(data_cfg.crop_scale),
+        r.decoder, r.epochs(base_seed, first), image_size=int(data_cfg.image_size),
+        crop_scale=tuple(data_cfg.crop_scale),
         flip_p=tuple(recipe.flip_p for recipe in recipes), seed=base_seed,
         batch_size=batch_size, first_position=first,
         antialias=bool(data_cfg.get("antialias", False)))
 
     def batch_views(index, batch):
-        views, labels = batch
+        views, _ = batch
         if photometric:
             views = augment.photometric(views, recipes, augment.batch_seed(base_seed, index),
                                         fast=True)
-        return _output(views, labels, with_labels)
+        return {"view1": views[0], "view2": views[1]}
 
-    ds = ds.batch(batch_size, drop_remainder=True).enumerate(first // batch_size)
+    ds = ds.enumerate(first // batch_size)
     return ds.map(batch_views, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
 
 
-def _through_service(data_cfg, batch_size, seed, split, with_labels):
+def _through_service(data_cfg, batch_size, seed, split):
     """The training pipeline run by the tf.data service at ``data.service_address``.
 
     Each worker runs the whole pipeline (``ShardingPolicy.OFF``): it draws its own permutation of
@@ -158,32 +146,13 @@ def _through_service(data_cfg, batch_size, seed, split, with_labels):
     """
     @tf.autograph.experimental.do_not_convert  # plain Python that builds a pipeline
     def build(salt):
-        return _train_dataset(data_cfg, batch_size, seed, split, 0, with_labels, None, salt)
+        return _train_dataset(data_cfg, batch_size, seed, split, 0, None, salt)
 
     salted = tf.data.Dataset.from_tensors(0).map(
         lambda _: tf.cast(tf.timestamp() * 1e6, tf.int64)).flat_map(build)
     return salted.apply(tf.data.experimental.service.distribute(
         processing_mode=tf.data.experimental.service.ShardingPolicy.OFF,
-        service=data_cfg.service_address, job_name=f"moco_tf_train_{seed}"))
-
-
-def _epoch_orders(n, seed, first_position=0):
-    """Indices of an n-element source for an endless run: epoch e is the permutation drawn from
-    (``seed``, e); starts at ``first_position`` without going through the epochs before it."""
-    first_epoch, offset = divmod(first_position, n)
-
-    def epoch(e):
-        return tf.data.Dataset.from_tensor_slices(tf.random.experimental.stateless_shuffle(
-            tf.range(n), tf.random.experimental.stateless_fold_in(seed, e)))
-
-    return tf.data.Dataset.counter(first_epoch).flat_map(epoch).skip(offset)
-
-
-def _output(views, labels, with_labels):
-    out = {"view1": views[0], "view2": views[1]}
-    if with_labels:
-        out["label"] = tf.cast(labels, tf.int32)
-    return out
+        service=data_cfg.service_address, job_name=f"moco_tf_train_{seed}_{batch_size}"))
 
 
 def eval_dataset(data_cfg, split: str | None = None, batch_size: int = 256) -> tf.data.Dataset:

@@ -132,7 +132,7 @@ def _image_feature(b):
                     f"(features: {', '.join(features.keys())})")
 
 
-def _load(data_cfg, split, *, decode, shuffle_seed=None, input_context=None):
+def _load(data_cfg, split, *, decode, shuffle_seed=None):
     import tensorflow_datasets as tfds
 
     b = builder(data_cfg)
@@ -140,13 +140,13 @@ def _load(data_cfg, split, *, decode, shuffle_seed=None, input_context=None):
     key = next(k for k, f in b.info.features.items() if f is feature)
     label_key = "label" if "label" in b.info.features.keys() else None
     read_config = tfds.ReadConfig(
-        shuffle_seed=shuffle_seed, shuffle_reshuffle_each_iteration=True,
-        input_context=input_context)
+        shuffle_seed=shuffle_seed, shuffle_reshuffle_each_iteration=True)
     ds = b.as_dataset(
         split=split, shuffle_files=shuffle_seed is not None, read_config=read_config,
         decoders=None if decode else {key: tfds.decode.SkipDecoding()})
-    return ds.map(lambda ex: (ex[key], tf.cast(ex[label_key], tf.int32) if label_key else
-                              tf.constant(-1, tf.int32)), num_parallel_calls=tf.data.AUTOTUNE), feature
+    ds = ds.map(lambda ex: (ex[key], tf.cast(ex[label_key], tf.int32) if label_key else
+                            tf.constant(-1, tf.int32)), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds, feature
 
 
 def images(data_cfg, split, shuffle_seed=None) -> tf.data.Dataset:
@@ -155,10 +155,72 @@ def images(data_cfg, split, shuffle_seed=None) -> tf.data.Dataset:
     return _load(data_cfg, split, decode=True, shuffle_seed=shuffle_seed)[0]
 
 
-def records(data_cfg, split, *, shuffle_seed=None, input_context=None) -> tf.data.Dataset:
-    """``(jpeg/png bytes, label, kind)`` records of a variable-size dataset; file order shuffled
-    per epoch with ``shuffle_seed``; with ``input_context`` only this input pipeline's files."""
-    ds, feature = _load(data_cfg, split, decode=False, shuffle_seed=shuffle_seed,
-                        input_context=input_context)
-    del feature
+def records(data_cfg, split) -> tf.data.Dataset:
+    """``(jpeg/png bytes, label, kind)`` records of a variable-size dataset, in file order."""
+    ds, _ = _load(data_cfg, split, decode=False)
     return ds.map(lambda data, label: (data, label, tf.constant(image_folder.TF_IMAGE, tf.int32)))
+
+
+FILE_READERS = 16  # TFRecord files read at once (tfds' default interleave)
+
+
+def train_records(data_cfg, split, seed, first_position=0, *, input_context=None):
+    """The endless training order of ``split`` as ``(bytes, label, kind)`` records.
+
+    Epoch e reads the split's files in the order drawn from (``seed``, e), interleaved, then
+    shuffles them in blocks of ``data.shuffle_buffer`` records seeded by (seed, e, block): a run
+    resumed at record ``first_position`` reads only its own epoch up to there (records, not
+    decoded), never the epochs before it. ``input_context``: every ``num_input_pipelines``-th file
+    from ``input_pipeline_id`` (each host reads its own files).
+    """
+    import tensorflow_datasets as tfds
+
+    b = builder(data_cfg)
+    if str(b.info.file_format.value) != "tfrecord":
+        raise DataError(f"tfds dataset '{b.name}' is stored as {b.info.file_format.value}; "
+                        f"training reads tfrecord files: prepare it with the default file format.")
+    instructions = list(b.info.splits[split].file_instructions)
+    if input_context is not None:
+        count = input_context.num_input_pipelines
+        instructions = instructions[input_context.input_pipeline_id::count]
+        if not instructions:
+            raise DataError(f"tfds dataset '{b.name}' split {split!r} has fewer files than the "
+                            f"{count} input pipelines; use fewer hosts or an image folder.")
+    files = tf.constant([os.fspath(i.filename) for i in instructions])
+    skips = tf.constant([i.skip for i in instructions], tf.int64)
+    takes = tf.constant([i.take for i in instructions], tf.int64)
+    size = sum(i.take for i in instructions)
+    feature = _image_feature(b)
+    key = next(k for k, f in b.info.features.items() if f is feature)
+    has_label = "label" in b.info.features.keys()
+    decoders = {key: tfds.decode.SkipDecoding()}
+
+    def epoch(e):
+        epoch_seed = tf.random.experimental.stateless_fold_in(seed, e)
+        order = tf.random.experimental.stateless_shuffle(tf.range(len(instructions)), epoch_seed)
+        shards = tf.data.Dataset.from_tensor_slices(
+            (tf.gather(files, order), tf.gather(skips, order), tf.gather(takes, order)))
+        serialized = shards.interleave(
+            lambda f, skip, take: tf.data.TFRecordDataset(f).skip(skip).take(take),
+            cycle_length=min(FILE_READERS, len(instructions)), block_length=1,
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        # Shuffled in blocks of data.shuffle_buffer records, each by a stateless permutation:
+        # Dataset.shuffle takes no seed computed in the graph, and a fixed one would reshuffle
+        # by iteration count, which a resumed run does not share.
+        def shuffle_block(index, block):
+            order = tf.random.experimental.stateless_shuffle(
+                tf.range(tf.shape(block)[0]),
+                tf.random.experimental.stateless_fold_in(epoch_seed, index))
+            return tf.data.Dataset.from_tensor_slices(tf.gather(block, order))
+
+        return serialized.batch(int(data_cfg.shuffle_buffer)).enumerate().flat_map(
+            shuffle_block)
+
+    def parse(serialized):
+        example = b.info.features.deserialize_example(serialized, decoders=decoders)
+        label = tf.cast(example["label"], tf.int32) if has_label else tf.constant(-1, tf.int32)
+        return example[key], label, tf.constant(image_folder.TF_IMAGE, tf.int32)
+
+    first_epoch, offset = divmod(int(first_position), size)
+    return (tf.data.Dataset.counter(first_epoch).flat_map(epoch).skip(offset)
+            .map(parse, num_parallel_calls=tf.data.AUTOTUNE))
