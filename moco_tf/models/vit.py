@@ -40,7 +40,8 @@ def sincos_position_embedding(grid_h, grid_w, dim, temperature=10000.0):
     is zeros. Transcribed from `build_2d_sincos_position_embedding`, quirk included: its
     `torch.meshgrid(grid_w, grid_h)` flattens w-major, while patches are numbered row-major."""
     if dim % 4:
-        raise ValueError(f"embed_dim must be divisible by 4 for the 2-D sin-cos embedding, got {dim}")
+        raise ValueError(
+            f"embed_dim must be divisible by 4 for the 2-D sin-cos embedding, got {dim}")
     gw, gh = np.meshgrid(np.arange(grid_w, dtype=np.float32), np.arange(grid_h, dtype=np.float32),
                          indexing="ij")
     pos_dim = dim // 4
@@ -94,7 +95,8 @@ class Attention(keras.layers.Layer):
         # moco-v3: uniform(+-sqrt(6 / (D + D))) — qkv treated as three D x D matrices.
         limit = math.sqrt(6.0 / (dim + dim))
         uniform = keras.initializers.RandomUniform(-limit, limit)
-        self.qkv_kernel = self.add_weight(shape=(dim, 3 * dim), initializer=uniform, name="qkv_kernel")
+        self.qkv_kernel = self.add_weight(shape=(dim, 3 * dim), initializer=uniform,
+                                          name="qkv_kernel")
         self.qkv_bias = self.add_weight(shape=(3 * dim,), initializer="zeros", name="qkv_bias")
         self.proj_kernel = self.add_weight(shape=(dim, dim), initializer="glorot_uniform",
                                            name="proj_kernel")
@@ -134,7 +136,8 @@ def build_vit(name, input_shape, *, patch_size=16, mean=None, std=None, stop_gra
         raise ValueError(f"{name}: image size {h}x{w} is not a multiple of the patch size "
                          f"{patch_size}.")
     inputs = keras.Input(shape=tuple(input_shape), name="images")
-    x = Standardize(0.0 if mean is None else mean, 1.0 if std is None else std, name="normalize")(inputs)
+    x = Standardize(0.0 if mean is None else mean, 1.0 if std is None else std,
+                    name="normalize")(inputs)
     # moco-v3: xavier-uniform over fan_in = C * p * p, fan_out = D.
     fan = input_shape[-1] * patch_size * patch_size + dim
     limit = math.sqrt(6.0 / fan)
