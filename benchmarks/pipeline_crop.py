@@ -1,8 +1,17 @@
-"""Per-image random-resized crop: keras-cv RandomCropAndResize vs one batched crop_and_resize.
+"""Per-image random-resized crop: keras-cv RandomCropAndResize vs one batched crop_and_resize;
+and, for JPEGs, where to crop: before or after decoding.
 
 Also times the full Fashion-MNIST moco_v2 training pipeline if the IDX files are installed.
 Prints one JSON object (images per second). A few seconds per measurement:
     python benchmarks/pipeline_crop.py [--seconds 3]
+    python benchmarks/pipeline_crop.py --jpeg [--seconds 10 --repeats 3]   # crop-before-decode
+
+`--jpeg`: 300 photo-like 500x375 JPEGs (benchmarks/pipeline.py makes them), two MoCo v2 crop
+windows per image (torchvision's rule, scale 0.2-1), each resized to 224, in tf.data (parallel
+map, batch 32); images/s and CPU ms per image (process time over images) in interleaved rounds
+of: the whole image decoded once and both windows sliced
+from it; one `decode_and_crop_jpeg` of the union box of the two windows, both sliced from it
+(what the records pipeline does); one `decode_and_crop_jpeg` per window.
 """
 import argparse
 import json
@@ -62,10 +71,83 @@ def pipeline_benchmark(batch_size, seconds):
     return rate(lambda: next(it), batch_size, seconds)
 
 
+def jpeg_crop_benchmark(seconds, repeats, batch_size=32, count=300):
+    """img/s of the three ways to get two 224-px crops of a JPEG (module docstring)."""
+    import importlib.util
+    import statistics
+    import tempfile
+
+    from moco_tf.data import crops, records
+
+    spec = importlib.util.spec_from_file_location(
+        "moco_tf_benchmark_pipeline", os.path.join(os.path.dirname(__file__), "pipeline.py"))
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+
+    def two_windows(contents, seed):
+        shape = tf.io.extract_jpeg_shape(contents)
+        return crops.crop_windows(seed, shape[0], shape[1], 2, (0.2, 1.0))
+
+    def resized(region, window):
+        top, left, h, w = tf.unstack(window)
+        return records.resize_to(region[top:top + h, left:left + w], 224)
+
+    def whole(contents, seed):
+        image = tf.io.decode_jpeg(contents, channels=3)
+        return tuple(resized(image, w) for w in tf.unstack(two_windows(contents, seed)))
+
+    def union(contents, seed):
+        windows = two_windows(contents, seed)
+        top, left = tf.reduce_min(windows[:, 0]), tf.reduce_min(windows[:, 1])
+        box = tf.stack([top, left, tf.reduce_max(windows[:, 0] + windows[:, 2]) - top,
+                        tf.reduce_max(windows[:, 1] + windows[:, 3]) - left])
+        region = tf.io.decode_and_crop_jpeg(contents, box, channels=3)
+        return tuple(resized(region, w) for w in tf.unstack(windows - tf.stack(
+            [box[0], box[1], 0, 0])))
+
+    def per_view(contents, seed):
+        out = []
+        for w in tf.unstack(two_windows(contents, seed)):
+            region = tf.io.decode_and_crop_jpeg(contents, w, channels=3)
+            out.append(records.resize_to(region, 224))
+        return tuple(out)
+
+    modes = {"whole_decode_two_slices": whole, "union_decode_and_crop": union,
+             "decode_and_crop_per_view": per_view}
+    rounds = {name: [] for name in modes}
+    with tempfile.TemporaryDirectory() as folder:
+        make.make_jpegs(folder, count)
+        files = sorted(os.path.join(folder, "c0", f) for f in os.listdir(os.path.join(folder, "c0")))
+        for _ in range(repeats):  # interleaved: load drifts affect every mode alike
+            for name, fn in modes.items():
+                ds = (tf.data.Dataset.from_tensor_slices(files).repeat().enumerate()
+                      .map(lambda i, f, fn=fn: fn(tf.io.read_file(f), tf.stack([i, i])),
+                           num_parallel_calls=tf.data.AUTOTUNE)
+                      .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+                it = iter(ds)
+                cpu = time.process_time()
+                images_s = rate(lambda it=it: next(it), batch_size, seconds)
+                # CPU time per image: what the decode costs, less swayed than the rate by
+                # other processes on the cores.
+                cpu_ms = 1000 * (time.process_time() - cpu) / (images_s * seconds + batch_size)
+                rounds[name].append((images_s, round(cpu_ms, 3)))
+    out = {}
+    for name, r in rounds.items():
+        out[f"jpeg224_two_crops_{name}_img_s"] = statistics.median(x for x, _ in r)
+        out[f"jpeg224_two_crops_{name}_cpu_ms_per_image"] = statistics.median(c for _, c in r)
+        out[f"jpeg224_two_crops_{name}_rounds"] = r
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--jpeg", action="store_true", help="only the crop-before-decode rounds")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    if args.jpeg:
+        print(json.dumps(jpeg_crop_benchmark(args.seconds, args.repeats)))
+        return
     out = {
         "crop_28px_batch256_img_per_s": crop_benchmark(28, 256, args.seconds),
         "crop_224px_batch64_img_per_s": crop_benchmark(224, 64, args.seconds),

@@ -130,6 +130,10 @@ class Decoder:
 
     def _tf_regions(self, data, views, position):
         """TensorFlow decode: a JPEG only inside the union of its windows, other formats whole."""
+        # One decode of the union box of both windows costs as much CPU per image as a whole
+        # decode and two slices (within 1%) and decodes less; one decode_and_crop_jpeg per
+        # window costs ~35% more, as two crops of 20-100% of the image cover more rows than one
+        # (benchmarks/pipeline_crop.py --jpeg; the numbers in docs/data.md).
         contents = tf.io.read_file(data) if self.reads_files else data
 
         def jpeg():

@@ -7,7 +7,8 @@ instead of ~500 KB decoded images and each view is cropped from the original ima
 
 ``prepare(data_cfg)`` runs before any model is built: a prepared dataset passes; one tfds can
 download is downloaded and prepared (``data.tfds_download``); one that needs files a user must
-fetch (ImageNet) is prepared from ``data.tfds_manual_dir`` if given, else refused with what to do.
+fetch (ImageNet) is prepared from ``data.tfds_manual_dir`` if given, else refused with what to do
+(``python -m moco_tf.data.prepare``, as ``tfds build`` fails in the pinned environment).
 """
 from __future__ import annotations
 
@@ -39,8 +40,16 @@ def _where(b) -> str:
     return os.path.dirname(os.path.dirname(str(b.data_dir)))  # <data_dir>/<name>/<version>
 
 
-def prepare(data_cfg, splits=()) -> None:
-    """Makes sure ``data.name`` is prepared (downloading it if allowed) and has ``splits``.
+def prepare_command(name: str, data_dir: str, manual: bool = False) -> str:
+    """The command line that prepares tfds dataset ``name`` in ``data_dir`` (``prepare.py``)."""
+    return (f"python -m moco_tf.data.prepare {name}" + (" --manual_dir=DIR" if manual else "")
+            + f" --data_dir={data_dir}")
+
+
+def prepare(data_cfg, splits=(), *, by_hand=False) -> str:
+    """Makes sure ``data.name`` is prepared (downloading it if allowed) and has ``splits``;
+    returns the data_dir it is in. ``by_hand``: called by ``python -m moco_tf.data.prepare``
+    (the errors name its options, not the config's).
 
     Raises:
       DataError: unknown name, not prepared and not preparable here, a failed download, or a
@@ -55,34 +64,39 @@ def prepare(data_cfg, splits=()) -> None:
         manual_dir = data_cfg.get("tfds_manual_dir", "")
         if manual and not manual_dir:
             instructions = " ".join(manual.split())
-            raise DataError(
-                f"tfds dataset '{name}' is not prepared in {_where(b)} and tfds cannot download "
-                f"it: {instructions} Then set data.tfds_manual_dir to that folder (training "
-                f"prepares it first, once), or run `tfds build {name} --manual_dir=DIR "
-                f"--data_dir={_where(b)}`; or set data.data_dir to where it is prepared.")
+            fix = (f"Then run `{prepare_command(name, _where(b), manual=True)}` with that "
+                   f"folder." if by_hand else
+                   f"Then set data.tfds_manual_dir to that folder (training prepares it first, "
+                   f"once), or run `{prepare_command(name, _where(b), manual=True)}`; or set "
+                   f"data.data_dir to where it is prepared.")
+            raise DataError(f"tfds dataset '{name}' is not prepared in {_where(b)} and tfds "
+                            f"cannot download it: {instructions} {fix}")
         if not manual and not data_cfg.get("tfds_download", True):
             raise DataError(
-                f"tfds dataset '{name}' is not prepared in {_where(b)}. Run `tfds build {name} "
-                f"--data_dir={_where(b)}`, or set data.tfds_download=True to download it now, "
-                f"or set data.data_dir to where it is prepared.")
+                f"tfds dataset '{name}' is not prepared in {_where(b)}. Run "
+                f"`{prepare_command(name, _where(b))}` (it downloads it), or set "
+                f"data.tfds_download=True to download it now, or set data.data_dir to where it "
+                f"is prepared.")
         config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
         try:
             b.download_and_prepare(download_config=config)
         except Exception as e:  # noqa: BLE001  network, archive and disk errors of all kinds
             first = next((ln for ln in str(e).strip().splitlines() if ln.strip()), type(e).__name__)
+            where = "--manual_dir" if by_hand else "data.tfds_manual_dir"
             raise DataError(
                 f"could not prepare tfds dataset '{name}' in {_where(b)} ({type(e).__name__}: "
                 f"{first[:300]}). "
-                + (f"Check that data.tfds_manual_dir ({manual_dir}) holds the files tfds asks "
-                   f"for." if manual else "Preparing it downloads it: check the internet "
-                   f"connection, or prepare it on a machine that has one (`tfds build {name}`) "
-                   f"and set data.data_dir to a copy.")) from e
+                + (f"Check that {where} ({manual_dir}) holds the files tfds asks for." if manual
+                   else f"Preparing it downloads it: check the internet connection, or prepare "
+                   f"it on a machine that has one (`{prepare_command(name, 'DIR')}`) and set "
+                   f"data.data_dir to a copy.")) from e
     available = sorted(b.info.splits.keys())
     for split in splits:
         base = split.split("[")[0]  # tfds slicing: "train[:10%]"
         if base not in available:
             raise DataError(f"tfds dataset '{name}' has no split {split!r}; it has "
                             f"{', '.join(available)} (set data.train_split / data.eval_split).")
+    return _where(b)
 
 
 def num_examples(data_cfg, split: str) -> int:
