@@ -313,6 +313,18 @@ def run_torch_folder_child(folder, args):
     return _child_rate(cmd, "torchvision")
 
 
+def torchvision_missing(args):
+    """Why `--torch-python` cannot run the torchvision reference, or "" if it can."""
+    python = args.torch_python or sys.executable
+    proc = subprocess.run([python, "-c", "import torch, torchvision"], capture_output=True,
+                          text=True)
+    if proc.returncode == 0:
+        return ""
+    last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+    return (f"{python} cannot import torchvision ({last}); give an interpreter that has it "
+            f"with --torch-python")
+
+
 def photometric_ms_per_image(args):
     """The photometric stage alone (both views, 224 px): the fused host path vs the plain one
     (the ops as they were before the fusion), ms per image on this machine."""
@@ -346,10 +358,11 @@ def jpeg_benchmark(args):
         folder = tmp.name
         make_jpegs(folder, args.images)
     rounds = {"ours": [], "host_part_device_aug": [], "torchvision": [], "decode_only": []}
+    torch_skipped = "--no-torch" if args.no_torch else torchvision_missing(args)
     for r in range(args.repeats):  # interleaved: machine load drifts affect all alike
         rounds["ours"].append(jpeg_ours_rate(folder, "host", args))
         rounds["host_part_device_aug"].append(jpeg_ours_rate(folder, "device", args))
-        if not args.no_torch:
+        if not torch_skipped:
             rate = run_torch_folder_child(folder, args)
             if rate:
                 rounds["torchvision"].append(rate)
@@ -364,13 +377,16 @@ def jpeg_benchmark(args):
         if rates:
             out[f"jpeg224_{name}_img_s"] = round(statistics.median(rates), 1)
             out[f"jpeg224_{name}_rounds"] = rates
+    if not rounds["torchvision"]:  # always in the output: null, and why
+        out["jpeg224_torchvision_img_s"] = None
+        out["jpeg224_torchvision_skipped"] = torch_skipped or "every round failed (see stderr)"
     photometric = photometric_ms_per_image(args)
     out["photometric224_ms_per_image"] = photometric
     out["photometric224_speedup"] = round(photometric["plain"] / photometric["fast"], 2)
     targets = [{"target": "photometric stage >= 2x faster than the plain ops",
                 "value": out["photometric224_speedup"], "op": ">=", "bound": 2.0,
                 "pass": out["photometric224_speedup"] >= 2.0}]
-    if "jpeg224_torchvision_img_s" in out:
+    if out["jpeg224_torchvision_img_s"]:
         torch_rate = out["jpeg224_torchvision_img_s"]
         for key, bound in (("ours", 2.0), ("host_part_device_aug", 4.0)):
             ratio = round(out[f"jpeg224_{key}_img_s"] / torch_rate, 2)

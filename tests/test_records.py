@@ -345,6 +345,15 @@ def test_tfds_resume_in_a_later_epoch_replays_the_same_batches(tmp_path):
         np.testing.assert_array_equal(a["view2"], b["view2"])
     far = next(iter(data.train_dataset(cfg, batch_size=4, seed=3, start_batch=3 * 10**6 + 1)))
     assert set(image_ids(far["view1"])) <= set(range(12))
+    # The tfds training pipeline is graph ops only: tf.data service workers can run it
+    # (config.py admits image_folder only so far).
+    service = tf.data.experimental.service
+    dispatcher = service.DispatchServer()
+    worker = service.WorkerServer(service.WorkerConfig(  # noqa: F841  serves until deleted
+        dispatcher_address=dispatcher.target.split("://")[1]))
+    cfg.service_address = dispatcher.target
+    served = list(data.train_dataset(cfg, batch_size=4, seed=3).take(3).as_numpy_iterator())
+    assert sorted(sum((image_ids(b["view1"]) for b in served), [])) == list(range(12))
 
 
 @pytest.mark.parametrize("source", ["records", "in_memory"])
@@ -416,16 +425,30 @@ def test_evaluation_folder_labels_follow_the_training_folder_classes(tmp_path):
         data.images(cfg, "test")
 
 
-def test_tf_data_service_feeds_batches_from_two_workers(tmp_path):
-    gray_folder(tmp_path)
-    dispatcher = tf.data.experimental.service.DispatchServer()
+def test_training_through_the_tf_data_service_with_two_workers(tmp_path):
+    # A dispatcher and two workers in-process on localhost; train_and_evaluate reads its
+    # batches through them (data.service_address), and both workers run the pipeline.
+    from configs import synthetic
+    from moco_tf import train_lib
+
+    gray_folder(tmp_path / "images", n=16)
+    service = tf.data.experimental.service
+    dispatcher = service.DispatchServer()
     address = dispatcher.target.split("://")[1]
-    workers = [tf.data.experimental.service.WorkerServer(
-        tf.data.experimental.service.WorkerConfig(dispatcher_address=address))
-        for _ in range(2)]
-    cfg = folder_cfg(tmp_path, augmentation="crop", service_address=dispatcher.target)
-    batches = list(pipeline.train_dataset(cfg, batch_size=4, seed=0).take(6).as_numpy_iterator())
-    for b in batches:
-        assert b["view1"].shape == (4, 16, 16, 3) and np.isfinite(b["view1"]).all()
-        assert set(image_ids(b["view1"])) <= set(range(12))
+    workers = [service.WorkerServer(service.WorkerConfig(dispatcher_address=address))
+               for _ in range(2)]
+    assert dispatcher._num_workers() == 2  # noqa: SLF001  the servers' own counters
+    config = synthetic.get_config()
+    config.data.update(dict(source="image_folder", data_dir=str(tmp_path / "images"),
+                            eval_dir=str(tmp_path / "images"), channels=3,
+                            mean=(0.5,) * 3, std=(0.25,) * 3, cache=False,
+                            service_address=dispatcher.target))
+    config.train.update(dict(batch_size=4, epochs=1, steps_per_epoch=3, verbose=0))
+    config.moco.queue_size = 8
+    config.eval.update(dict(knn_every_epochs=0, export=False))
+    _, results = train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+    assert results["steps"] == 3 and np.isfinite(results["final_loss"])
+    assert all(w._num_tasks() >= 1 for w in workers)  # noqa: SLF001
+    batch = next(iter(pipeline.train_dataset(config.data, batch_size=4, seed=0)))
+    assert batch["view1"].shape == (4, 16, 16, 3) and np.isfinite(batch["view1"]).all()
     del workers, dispatcher
