@@ -7,6 +7,7 @@ import sys
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from configs import synthetic
@@ -48,6 +49,21 @@ def test_frozen_backbone_keeps_its_weights_and_bn_statistics_while_the_linear_la
         np.testing.assert_array_equal(w.numpy(), a, err_msg=w.path)
     assert not np.allclose(classifier.get_layer("linear").kernel.numpy(), dense_before)
     assert [w.path for w in classifier.trainable_weights] == ["linear/kernel", "linear/bias"]
+
+
+def test_linear_classifier_sees_l2_normalised_features_unless_told_otherwise():
+    backbone = small_backbone()
+    images, _ = next(iter(data.eval_dataset(synthetic_config().data, "train", 8)))
+    features = backbone(images, training=False).numpy()
+    for normalize, expected in (("l2", features / np.linalg.norm(features, axis=1, keepdims=True)),
+                                ("none", features)):
+        classifier = linear.linear_classifier(backbone, num_classes=4, normalize=normalize)
+        dense = classifier.get_layer("linear")
+        np.testing.assert_allclose(classifier(images).numpy(),
+                                   expected @ dense.kernel.numpy() + dense.bias.numpy(),
+                                   rtol=1e-4, atol=1e-5, err_msg=normalize)
+    with pytest.raises(ValueError, match="'l2' or 'none', got 'standardize'.*train_linear"):
+        linear.linear_classifier(backbone, num_classes=4, normalize="standardize")
 
 
 def test_linear_protocol_on_separable_features_and_on_a_random_backbone():

@@ -46,17 +46,31 @@ from moco_tf.eval import knn  # noqa: E402
 NORMALIZATIONS = ("l2", "none", "standardize")
 
 
-def linear_classifier(backbone: keras.Model, num_classes: int) -> keras.Model:
+def linear_classifier(backbone: keras.Model, num_classes: int,
+                      normalize: str = "l2") -> keras.Model:
     """Frozen `backbone` + a linear layer: images [B, H, W, C] -> logits [B, num_classes].
 
     For training end to end with augmentation. The backbone is frozen: Keras runs the
     BatchNormalization of a non-trainable layer in inference mode (moving statistics, not
     updated). Set `backbone.trainable = True` and recompile to fine-tune it all.
+
+    Args:
+      normalize: "l2" (default, as `train_linear`'s): unit-norm features before the linear
+        layer, the scale the protocol's lr 30 suits; "none": the features as they are (the
+        MoCo protocol, tuned for a ResNet-50's; lr 30 diverges on other scales).
+        ("standardize" needs the training set's statistics: use `train_linear`.)
     """
+    if normalize not in ("l2", "none"):
+        raise ValueError(f"linear_classifier: normalize must be 'l2' or 'none', got "
+                         f"{normalize!r} ('standardize' is for train_linear's features).")
     backbone.trainable = False
     images = keras.Input(backbone.input_shape[1:])
     features = backbone(images)  # no training=False: unfreezing later must train BN too
-    logits = keras.layers.Dense(num_classes, name="linear", dtype="float32")(features)
+    if normalize == "l2":
+        features = keras.layers.UnitNormalization(name="l2_normalize", dtype="float32")(features)
+    logits = keras.layers.Dense(num_classes, name="linear", dtype="float32",  # as train_linear
+                                kernel_initializer=keras.initializers.RandomNormal(stddev=0.01))(
+        features)
     return keras.Model(images, logits, name="linear_classifier")
 
 
