@@ -30,6 +30,7 @@ import glob
 import os
 import re
 import shutil
+import traceback
 
 import tensorflow as tf
 from absl import logging
@@ -45,6 +46,21 @@ class CheckpointError(RuntimeError):
     """No usable checkpoint, or one that belongs to a different run."""
 
 
+class CheckpointMismatch(CheckpointError):
+    """An intact checkpoint of another model, run (seed, batch size) or moco_tf version: the
+    workdir does not belong to this config (train.py: exit status 2, like a config mistake)."""
+
+
+def describe_step(step: int, steps_per_epoch: int, epochs: int | None = None) -> str:
+    """Where global step `step` (batches done) is in the run, as the logs say it everywhere:
+    "epoch 2 of 3, step 5 of 7" (both 1-based: the epoch the step belongs to)."""
+    if steps_per_epoch < 1 or step < 1:
+        return "before the first step"
+    epoch, within = divmod(step - 1, steps_per_epoch)
+    of = f" of {epochs}" if epochs else ""
+    return f"epoch {epoch + 1}{of}, step {within + 1} of {steps_per_epoch}"
+
+
 class Checkpointer:
     """Saves and restores the training state of a compiled Keras model in `directory`.
 
@@ -53,12 +69,14 @@ class Checkpointer:
       model: the keras.Model (e.g. `MoCo`); its optimizer is saved with it.
       max_to_keep: the number of most recent checkpoints kept on disk.
       seed, batch_size: identify the run; a checkpoint with other values is refused.
+      steps_per_epoch, epochs: only for the log lines ("step 12 of 21: epoch 2 of 3, ...").
     """
 
     def __init__(self, directory: str, model, *, max_to_keep: int = 3, seed: int = 0,
-                 batch_size: int = 0):
+                 batch_size: int = 0, steps_per_epoch: int = 0, epochs: int = 0):
         self.directory = directory
         self.model = model
+        self._steps_per_epoch, self._epochs = int(steps_per_epoch), int(epochs)
         self.position = tf.Variable(0, dtype=tf.int64, trainable=False, name="data_position")
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         self._run = {"seed": int(seed), "batch_size": int(batch_size)}
@@ -111,7 +129,12 @@ class Checkpointer:
                    f"same command to resume from it." if previous else
                    "No earlier checkpoint exists; free some space or use another --workdir.")
             ) from e
-        logging.info("Saved checkpoint %s (step %d, epoch %d).", path, step, epoch)
+        if self._steps_per_epoch:
+            total = f" of {self._steps_per_epoch * self._epochs}" if self._epochs else ""
+            logging.info("Saved checkpoint %s (step %d%s: %s).", path, step, total,
+                         describe_step(step, self._steps_per_epoch, self._epochs))
+        else:
+            logging.info("Saved checkpoint %s (step %d).", path, step)
         return path
 
     @property
@@ -135,8 +158,9 @@ class Checkpointer:
 
         A damaged checkpoint (unreadable index, truncated data, checksum mismatch) is skipped with
         a warning and the previous one is used. Raises `CheckpointError` if checkpoints exist but
-        none is readable, if the newest readable one does not fit the model (another
-        architecture), or if it belongs to a run with another seed or batch size.
+        none is readable, and `CheckpointMismatch` (a `CheckpointError`) if the newest readable
+        one does not fit the model (another architecture), belongs to a run with another seed
+        or batch size, or was written by an older moco_tf.
         """
         candidates = self.candidates()
         if not candidates:
@@ -152,7 +176,8 @@ class Checkpointer:
                     status = self.checkpoint.restore(prefix)
                 except (ValueError, tf.errors.InvalidArgumentError) as e:
                     # Readable, but its tensors have other shapes: another model, not damage.
-                    raise CheckpointError(
+                    _expect_partial(e)
+                    raise CheckpointMismatch(
                         f"{prefix} does not match this model "
                         f"({workdir_lib.first_line(e)[:300]}); was it written with another "
                         f"config (backbone, width, queue size)? Use another --workdir.") from None
@@ -164,7 +189,8 @@ class Checkpointer:
                 continue
             found = int(self.format.numpy())
             if found != FORMAT:
-                raise CheckpointError(
+                status.expect_partial()
+                raise CheckpointMismatch(
                     f"{prefix} was written by an older moco_tf (checkpoint format {found}, this "
                     f"version writes {FORMAT}: PyTorch's SGD momentum buffer, key encoder and "
                     f"negatives as parts of the model); its optimizer state would mean something "
@@ -174,7 +200,8 @@ class Checkpointer:
                 # another architecture is not damage but a wrong workdir.
                 status.assert_existing_objects_matched()
             except AssertionError as e:
-                raise CheckpointError(
+                status.expect_partial()  # refused: TF's list of unrestored values is noise
+                raise CheckpointMismatch(
                     f"{prefix} does not match this model ({str(e).splitlines()[0][:300]}); was it "
                     f"written with another config? Use another --workdir."
                 ) from e
@@ -189,10 +216,24 @@ class Checkpointer:
         for key, expected in self._run.items():
             found = int(self._run_vars[key].numpy())
             if found != expected:
-                raise CheckpointError(
+                raise CheckpointMismatch(
                     f"{prefix} was written with {key}={found}, but this run has {key}={expected}; "
                     f"resuming would not continue the same run. Use another --workdir."
                 )
+
+
+def _expect_partial(error: BaseException) -> None:
+    """A restore that failed half-way (a tensor of another shape) leaves its restore coordinator
+    alive, held by the model's deferred restorations; deleted later, it logs every value it did
+    not restore, after our one-line refusal. Mark it partial, as `status.expect_partial()`
+    does (the coordinator is a local of TF's restore, in the error's traceback)."""
+    for frame, _ in traceback.walk_tb(error.__traceback__):
+        for value in frame.f_locals.values():
+            if type(value).__name__ == "_CheckpointRestoreCoordinator":
+                try:
+                    value.expect_partial = True
+                except AttributeError:  # another TF version: the warnings stay, nothing worse
+                    pass
 
 
 def verify(prefix: str) -> str | None:

@@ -6,6 +6,7 @@ any model is built; `train.py` prints it and exits with status 2.
 """
 
 import difflib
+import json
 import math
 import os
 
@@ -69,8 +70,8 @@ def defaults() -> ml_collections.ConfigDict:
     # Where colour jitter, grayscale, blur and solarize run: in the input pipeline (host) or at
     # the start of train_step on the accelerator (device; the host only decodes and crops).
     c.data.augment_on = "host"  # host | device
-    # Antialiased resize of the random crops (PIL/torchvision's filter; 2.8x slower to decode and
-    # crop 224-px views than plain bilinear, which TF/JAX SSL pipelines use).
+    # Antialiased resize of the random crops: PIL/torchvision's filter, slower to decode and crop
+    # than the plain bilinear TF/JAX SSL pipelines use (docs/troubleshooting.md: antialias).
     c.data.antialias = False
     # tf.data service dispatcher ("grpc://host:5050"): the input pipeline runs on its workers
     # (docs/data.md). "" = on this host.
@@ -93,7 +94,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.model.patch_size = 16  # ViTs: patch side in pixels
     c.model.cifar_stem = True  # 3x3 stride-1 conv1, no max-pool: for 28-32 px images
     c.model.stem_stride = 1  # CIFAR stem's conv1 stride: 2 = layers at half resolution, 1/4 the work
-    c.model.width = 64  # ResNet channels of conv1/layer1 (64 = torchvision); 32 is ~4x cheaper
+    c.model.width = 64  # ResNet channels of conv1/layer1 (64 = torchvision); compute ~ width^2
     c.model.norm = "split_bn"  # bn | split_bn (shuffle-BN emulation on one device) | sync_bn
     c.model.split_bn_groups = 8
     c.model.projector = "mlp"  # linear (v1) | mlp (v2)
@@ -196,25 +197,106 @@ def flat_keys() -> set:
     return set(_flatten(defaults()))
 
 
+# What a resumed run may change: how long it trains (train.epochs: the lr and momentum schedules
+# stretch to the new length), how it is evaluated, logged and checkpointed, and where the data is
+# read from. Every other key defines the run's math (model, method, optimizer and lr schedule,
+# augmentation, data order, seed, batch, precision...), so a new key is refused by default.
+RESUMABLE = (
+    "train.epochs", "eval.", "train.verbose", "train.summary_every_steps",
+    "train.checkpoint_every_steps", "train.keep_checkpoints", "train.on_nan",
+    "train.steps_per_execution", "train.jit_compile", "deterministic", "data.data_dir",
+    "data.eval_dir", "data.eval_split", "data.num_classes", "data.cache", "data.on_bad_image",
+    "data.tfds_download", "data.tfds_manual_dir", "data.service_address",
+)
+
+
+def json_values(config: ml_collections.ConfigDict) -> dict:
+    """The config flattened to JSON values ({"train.batch_size": 256, "data.crop_scale": [0.2,
+    1.0], ...}): what a workdir's config.json holds."""
+    return json.loads(json.dumps(_flatten(config)))
+
+
+def show_value(value) -> str:
+    """A JSON value as it is written in a config (lists as tuples)."""
+    return repr(tuple(value)) if isinstance(value, list) else repr(value)
+
+
+def resume_changes(saved: dict, config: ml_collections.ConfigDict):
+    """The changes from `saved` (the `json_values` a run started with) to `config`, as two lists
+    of (key, old, new): those that would make a resume continue another run, and the
+    `RESUMABLE` ones. A key `saved` lacks (added to moco_tf since) counts as its default."""
+    base = json_values(defaults())
+    refused, allowed = [], []
+    for key, new in json_values(config).items():
+        old = saved.get(key, base.get(key))
+        if old != new:
+            safe = any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE)
+            (allowed if safe else refused).append((key, old, new))
+    return refused, allowed
+
+
 def unknown_key_message(path: str) -> str:
     """'Unknown config key ...' with the closest known key, for a config file or an override."""
     close = difflib.get_close_matches(path, sorted(flat_keys()), n=1)
     return f"Unknown config key '{path}'." + (f" Did you mean '{close[0]}'?" if close else "")
 
 
+def _field_types():
+    """{dotted key: (type, whether None is allowed)} of the defaults; a placeholder field (e.g.
+    `train.steps_per_epoch`) has its declared type and allows None."""
+    out = {}
+
+    def walk(cfg, prefix):
+        for key in cfg.keys():
+            value = cfg[key]
+            if isinstance(value, ml_collections.ConfigDict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                out[f"{prefix}{key}"] = (cfg.get_ref(key).get_type(), value is None)
+
+    walk(defaults(), "")
+    return out
+
+
+def _type_name(kind, nullable):
+    return kind.__name__ + (" or None" if nullable else "")
+
+
+def _element_problem(path, value, default):
+    """For a tuple field, why `value`'s elements are not of the default's element type (or
+    None): ml_collections checks the tuple, not what is inside it."""
+    if not default or not isinstance(value, (tuple, list)):
+        return None
+    kind = type(default[0])
+    numeric = (int, float) if kind is float else (kind,)
+    if all(isinstance(v, numeric) and not isinstance(v, bool) for v in value):
+        return None
+    return (f"'{path}' must be a tuple of {kind.__name__}, e.g. {tuple(default)}, got "
+            f"{tuple(value)!r}.")
+
+
 def _check_keys_and_types(config):
     """Unknown keys and ill-typed values by ml_collections' own rules: `config` is applied key by
     key onto the locked defaults (locking refuses a new key; type safety casts an int to a float
-    and a list to a tuple, and refuses the rest). Only the message, naming the key, is ours."""
+    and a list to a tuple, and refuses the rest). On top: a bool is not a number (Python's bool
+    is an int), and a tuple's elements have the type of the default's."""
     schema = defaults().lock()
+    types, default_values = _field_types(), _flatten(defaults())
     for path, value in _flatten(config).items():
         try:
             schema.update_from_flattened_dict({path: value})
         except (KeyError, AttributeError):
             raise ConfigError(unknown_key_message(path)) from None
         except TypeError:
-            expected = type(_flatten(defaults())[path]).__name__
-            raise ConfigError(f"'{path}' must be of type {expected}, got {value!r}.") from None
+            raise ConfigError(f"'{path}' must be of type {_type_name(*types[path])}, got "
+                              f"{value!r}.") from None
+        kind, nullable = types[path]
+        if isinstance(value, bool) and kind in (int, float):
+            raise ConfigError(f"'{path}' must be of type {_type_name(kind, nullable)}, got "
+                              f"{value!r} (a bool).")
+        problem = _element_problem(path, value, default_values[path])
+        if problem:
+            raise ConfigError(problem)
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -229,6 +311,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             raise ConfigError(f"'{key}' is {given[key]!r}; choose one of {', '.join(choices)}.")
 
     _check_ranges(config)
+    _check_class_count(config)
     t, m = config.train, config.moco
     if t.checkpoint_every_steps < 0 or t.keep_checkpoints < 1:
         raise ConfigError(
@@ -270,6 +353,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 # key -> (lowest, highest, whether the lowest is allowed); every number must be finite.
 _RANGES = {
+    "seed": (0, 2**32 - 1, True),  # numpy's and TF's seeds are unsigned 32-bit
     "train.batch_size": (1, None, True),
     "train.epochs": (1, None, True),
     "train.steps_per_epoch": (1, None, True),
@@ -323,6 +407,12 @@ def _check_ranges(config):
                           f"fraction of the image area), got {tuple(d.crop_scale)}.")
     if any(not s > 0 or not math.isfinite(s) for s in d.std):
         raise ConfigError(f"'data.std' must be positive, got {tuple(d.std)}.")
+    if any(not math.isfinite(m) for m in d.mean):
+        raise ConfigError(f"'data.mean' must be finite numbers, got {tuple(d.mean)}.")
+    decays = tuple(t.lr_decay_epochs)
+    if any(e <= 0 for e in decays) or list(decays) != sorted(set(decays)):
+        raise ConfigError(f"'train.lr_decay_epochs' must be increasing epochs > 0 (the step "
+                          f"schedule's x0.1 points, e.g. (120, 160)), got {decays}.")
     if not config.eval.knn_ks or any(k < 1 for k in config.eval.knn_ks):
         raise ConfigError(f"'eval.knn_ks' must be neighbour counts >= 1, got "
                           f"{tuple(config.eval.knn_ks)}.")
@@ -347,6 +437,19 @@ def _check_ranges(config):
 
 
 _FASHION_MNIST_SIZES = {"train": 60000, "test": 10000}
+_FASHION_MNIST_CLASSES = 10
+
+
+def _check_class_count(config):
+    """Sources whose class count the config alone tells: labels outside data.num_classes would
+    stop the kNN evaluation after a whole epoch of training (folders and tfds sets are counted
+    by `data.datasets.check`)."""
+    d = config.data
+    evaluates = config.eval.knn_every_epochs or config.eval.raw_pixel_baseline
+    if evaluates and d.source == "fashion_mnist" and d.num_classes < _FASHION_MNIST_CLASSES:
+        raise ConfigError(f"'data.num_classes' ({d.num_classes}) is smaller than the "
+                          f"{_FASHION_MNIST_CLASSES} classes of Fashion-MNIST; set "
+                          f"data.num_classes={_FASHION_MNIST_CLASSES}.")
 
 
 def _known_size(data, split):

@@ -1,7 +1,8 @@
 """The failures a user can act on, and the rewriting of TensorFlow's errors into them.
 
 `train.py` prints any of `CLEAR_ERRORS` as one line without a traceback (exit status 1; config
-and data mistakes, `config.ConfigError` / `config.DataError`, exit 2 before anything is built).
+and data mistakes, `config.ConfigError` / `config.DataError`, and a workdir of another run,
+`checkpoint.CheckpointMismatch`, exit 2 before training starts).
 """
 import contextlib
 

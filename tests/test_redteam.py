@@ -1,5 +1,6 @@
 """Reliability, round two: each case of docs/reliability.md that is not tested elsewhere. Every
 bad input is refused where it enters, with one line that names it; no failure loses work."""
+import gc
 import json
 import math
 import os
@@ -60,6 +61,21 @@ BAD_VALUES = [
     ("model.projector_layers", 1, "'model.projector_layers' must be >= 2 for an MLP projector"),
     ("moco.momentum_scope", "from:", "momentum_scope must be one of full, projector, none or "
                                      "'from:<block>'"),
+    # Tuple elements of the default's type (was: trained, then a KeyError / TypeError traceback).
+    ("eval.knn_ks", (5.5,), "'eval.knn_ks' must be a tuple of int, e.g. (200, 20), got (5.5,)"),
+    ("eval.knn_ks", ("a",), "'eval.knn_ks' must be a tuple of int, e.g. (200, 20), got ('a',)"),
+    ("eval.knn_ks", (True,), "'eval.knn_ks' must be a tuple of int"),
+    ("data.std", ("abc",), "'data.std' must be a tuple of float, e.g. (0.353,), got ('abc',)"),
+    ("data.mean", (math.nan,), "'data.mean' must be finite numbers, got (nan,)"),
+    ("data.mean", (math.inf,), "'data.mean' must be finite numbers, got (inf,)"),
+    ("seed", -1, "'seed' must be >= 0 and <= 4294967295, got -1"),
+    ("seed", 2**32, "'seed' must be >= 0 and <= 4294967295, got 4294967296"),
+    ("train.lr_decay_epochs", (-1, 5), "'train.lr_decay_epochs' must be increasing epochs > 0"),
+    ("train.lr_decay_epochs", (2, 1), "'train.lr_decay_epochs' must be increasing epochs > 0"),
+    ("train.lr_decay_epochs", (2, 2), "'train.lr_decay_epochs' must be increasing epochs > 0"),
+    ("train.lr_decay_epochs", (1.5,), "'train.lr_decay_epochs' must be a tuple of int"),
+    # Python's bool is an int: True would train 1 epoch.
+    ("train.epochs", True, "'train.epochs' must be of type int, got True (a bool)"),
 ]
 
 
@@ -67,8 +83,8 @@ BAD_VALUES = [
                          ids=[f"{k}={v}" for k, v, _ in BAD_VALUES])
 def test_a_bad_config_value_is_refused_with_one_line(key, value, message):
     c = synthetic.get_config()
-    section, name = key.split(".")
-    c[section][name] = value
+    *section, name = key.split(".")
+    (c[section[0]] if section else c)[name] = value
     with pytest.raises(ConfigError, match=None) as error:
         config_lib.validate(c)
     assert message in str(error.value) and "\n" not in str(error.value)
@@ -91,6 +107,39 @@ def test_combinations_that_cannot_work_are_refused(overrides, message):
         c[section][name] = value
     with pytest.raises(ConfigError, match=re.escape(message)):
         config_lib.validate(c)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("train.steps_per_epoch", "ten", "'train.steps_per_epoch' must be of type int or None, got "
+                                     "'ten'."),
+    ("train.steps_per_epoch", True, "'train.steps_per_epoch' must be of type int or None, got "
+                                    "True (a bool)."),
+    ("eval.knn_ks", ("a",), "'eval.knn_ks' must be a tuple of int"),
+    ("moco.temperature", False, "'moco.temperature' must be of type float, got False (a bool)"),
+])
+def test_a_file_config_of_the_wrong_type_names_the_type_of_the_schema(key, value, message):
+    # Built from a dict, as a hand-written config file can be: the defaults' types, not the
+    # value's (a placeholder's default None is "NoneType"), are named.
+    import ml_collections
+
+    raw = config_lib.defaults().to_dict()
+    section, name = key.split(".")
+    raw[section][name] = value
+    with pytest.raises(ConfigError) as error:
+        config_lib.validate(ml_collections.ConfigDict(raw))
+    assert message in str(error.value) and "NoneType" not in str(error.value)
+
+
+def test_fashion_mnist_with_fewer_classes_than_its_ten_is_refused_up_front():
+    from configs import fashion_mnist
+
+    c = fashion_mnist.get_config()
+    c.data.num_classes = 4
+    with pytest.raises(ConfigError, match=r"'data.num_classes' \(4\) is smaller than the 10 "
+                                          r"classes of Fashion-MNIST; set data.num_classes=10"):
+        config_lib.validate(c)
+    c.eval.knn_every_epochs, c.eval.raw_pixel_baseline = 0, False  # no labels read: fine
+    config_lib.validate(c)
 
 
 def small_config(**train):
@@ -121,17 +170,42 @@ def folder_config(folder, **data):
     return c
 
 
-def test_a_folder_whose_every_image_is_corrupt_is_refused_before_training(tmp_path):
-    def corrupt(png):  # header and IEND intact, the pixel data destroyed
-        png = bytearray(png)
-        start = png.index(b"IDAT") + 4
-        png[start:start + 100] = b"\0" * 100
-        return bytes(png)
+def _corrupt(png):
+    """Header and IEND intact, the pixel data destroyed: found only when decoded."""
+    png = bytearray(png)
+    start = png.index(b"IDAT") + 4
+    png[start:start + 100] = b"\0" * 100
+    return bytes(png)
 
-    _folder(tmp_path, [f"{i}.png" for i in range(6)], corrupt)
+
+def test_a_folder_whose_every_image_is_corrupt_is_refused_before_training(tmp_path):
+    _folder(tmp_path, [f"{i}.png" for i in range(6)], _corrupt)
     with pytest.raises(DataError, match=r"None of the first 6 images of .* can be decoded"):
         train_lib.train_and_evaluate(folder_config(tmp_path), str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run")  # nothing was built or written
+
+
+def test_an_evaluation_folder_whose_every_image_is_corrupt_fails_the_evaluation_only(tmp_path):
+    # Was: the kNN error, then a `write_embedding_projector: the dataset is empty` traceback and
+    # no results.json.
+    _folder(tmp_path / "train", [f"{i}.png" for i in range(6)])
+    _folder(tmp_path / "val", [f"{i}.png" for i in range(4)], _corrupt)
+    c = folder_config(tmp_path / "train", eval_dir=str(tmp_path / "val"))
+    c.train.steps_per_epoch, c.train.epochs = 2, 1
+    c.eval.knn_every_epochs, c.eval.export, c.eval.raw_pixel_baseline = 1, True, True
+    c.eval.knn_ks = (3,)
+    with pytest.raises(errors.EvaluationError,
+                       match=r"Trained, checkpointed and exported, but the final kNN evaluation "
+                             r"failed \(.*empty.*\); the raw-pixel kNN baseline failed .*; the "
+                             r"embedding projector failed \(.*the dataset is empty.\); "
+                             r"results.json has the rest") as error:
+        train_lib.train_and_evaluate(c, str(tmp_path / "run"))
+    assert "\n" not in str(error.value)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["steps"] == 2 and os.path.isdir(results["export_dir"])
+    assert [e["step"] for e in results["eval_errors"]] == ["raw-pixel kNN baseline",
+                                                           "embedding projector"]
+    assert [e["epoch"] for e in results["knn_errors"]] == [1]
 
 
 def test_odd_file_names_are_read(tmp_path):
@@ -155,17 +229,89 @@ def _trained(workdir, **changes):
     return train_lib.train_and_evaluate(c, str(workdir))
 
 
+def test_a_checkpoint_of_another_seed_or_batch_size_is_refused(tmp_path):
+    # Row 70, at the checkpoint itself (what a workdir without config.json relies on).
+    c = small_config(epochs=1, steps_per_epoch=3)
+    model = train_lib.build_model(c)
+    model.optimizer.build(model.trainable_variables)  # slots exist, as after a step
+    checkpoint_lib.Checkpointer(str(tmp_path), model, seed=0, batch_size=32).save(1, 0)
+    for seed, batch, message in ((5, 32, "written with seed=0, but this run has seed=5"),
+                                 (0, 16, "written with batch_size=32, but this run has "
+                                         "batch_size=16")):
+        other = checkpoint_lib.Checkpointer(str(tmp_path), train_lib.build_model(c), seed=seed,
+                                            batch_size=batch)
+        with pytest.raises(checkpoint_lib.CheckpointMismatch, match=message):
+            other.restore_latest()
+
+
 @pytest.mark.parametrize("change,value", [("model.backbone", "resnet18"),
-                                          ("moco.queue_size", 128)])
-def test_resuming_another_models_workdir_is_refused_with_one_line(tmp_path, change, value):
+                                          ("moco.queue_size", 128), ("seed", 7)])
+def test_resuming_another_runs_workdir_is_refused_with_one_line(tmp_path, change, value, caplog):
     _trained(tmp_path)
     c = small_config(epochs=2, steps_per_epoch=3)
-    section, name = change.split(".")
-    c[section][name] = value
-    with pytest.raises(checkpoint_lib.CheckpointError,
-                       match="does not match this model.*Use another --workdir") as error:
+    *section, name = change.split(".")
+    (c[section[0]] if section else c)[name] = value
+    # The run's config.json names the change before anything is built...
+    with pytest.raises(ConfigError, match=rf"{tmp_path} holds a run with other values of what "
+                                          rf"defines it: {re.escape(change)} .* -> {value!r}; "
+                                          r".*or use a new --workdir") as error:
         train_lib.train_and_evaluate(c, str(tmp_path))
     assert "\n" not in str(error.value)
+    # ...and a workdir written before config.json existed: the checkpoint itself refuses.
+    os.remove(tmp_path / train_lib.CONFIG_FILE)
+    what = ("was written with seed=0, but this run has seed=7" if change == "seed" else
+            "does not match this model")
+    with pytest.raises(checkpoint_lib.CheckpointMismatch,
+                       match=f"{what}.*Use another --workdir") as error:
+        train_lib.train_and_evaluate(c, str(tmp_path))
+    assert "\n" not in str(error.value)
+    assert not os.path.exists(tmp_path / train_lib.CONFIG_FILE)  # not overwritten by a refusal
+    # When the refused restore is deleted, TensorFlow's list of the values it did not restore
+    # (2 to 30 warning lines after our one line) stays silent.
+    error = None
+    gc.collect()
+    assert "unrestored values" not in caplog.text
+    assert "could not be found in the restored object" not in caplog.text
+
+
+def test_resuming_with_other_values_of_the_runs_math_lists_each_change(tmp_path):
+    _trained(tmp_path)
+    c = small_config(epochs=2, steps_per_epoch=3)
+    c.train.base_learning_rate *= 10
+    c.moco.temperature = 0.1
+    c.data.augmentation = "moco_v1"
+    with pytest.raises(ConfigError) as error:
+        train_lib.train_and_evaluate(c, str(tmp_path))
+    assert ("holds a run with other values of what defines it: data.augmentation 'moco_v2' -> "
+            "'moco_v1', moco.temperature 0.2 -> 0.1, train.base_learning_rate 0.5 -> 5.0; "
+            "resuming would continue another run. Put the values back") in str(error.value)
+
+
+def test_resuming_with_safe_changes_goes_on_and_a_changed_knn_ks_is_evaluated_anew(tmp_path,
+                                                                                   caplog):
+    c = small_config(epochs=1, steps_per_epoch=3)
+    c.eval.knn_every_epochs, c.eval.knn_ks = 1, (5,)
+    train_lib.train_and_evaluate(c, str(tmp_path))
+    c.train.epochs, c.eval.knn_ks, c.train.checkpoint_every_steps = 2, (3, 2), 2
+    _, results = train_lib.train_and_evaluate(c, str(tmp_path))  # was KeyError 'k3'
+    assert results["resumed_from_step"] == 3 and results["steps"] == 6
+    assert "train.epochs 1 -> 2: the lr and momentum schedules stretch" in caplog.text
+    assert [e["epoch"] for e in results["knn_per_epoch"]] == [2]  # epoch 1 had k=5 only
+    assert set(results["knn_per_epoch"][0]) == {"epoch", "k3", "k2"}
+    # Rerun the finished run with yet other ks: evaluated again with them, no KeyError.
+    c.eval.knn_ks = (4,)
+    _, again = train_lib.train_and_evaluate(c, str(tmp_path))
+    assert again["resumed_from_step"] == 6 and "knn_top1" in again
+    assert json.loads((tmp_path / train_lib.CONFIG_FILE).read_text())["eval.knn_ks"] == [4]
+
+
+def test_a_checkpoint_past_the_configs_last_step_is_refused_with_the_real_step(tmp_path):
+    _trained(tmp_path, **{"train.epochs": 2})  # ckpt-6
+    c = small_config(epochs=1, steps_per_epoch=3)  # 3 steps: was "already complete", exit 0
+    with pytest.raises(ConfigError, match=r"ckpt-6 is at step 6, past the 3 steps this config "
+                                          r"trains \(train.epochs=1 x 3 steps\): there is "
+                                          r"nothing to train. Set train.epochs=2"):
+        train_lib.train_and_evaluate(c, str(tmp_path))
 
 
 @pytest.mark.parametrize("state", [
@@ -237,6 +383,24 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     assert results["resumed_from_step"] == 3 and results["steps"] == 8
 
 
+def test_ctrl_c_during_the_final_evaluation_keeps_the_training_and_says_so(tmp_path,
+                                                                           monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    c = small_config(epochs=1, steps_per_epoch=3)
+    c.eval.export = True
+    monkeypatch.setattr(export, "export_backbone", interrupted)
+    with pytest.raises(errors.Interrupted,
+                       match=r"^Interrupted after training, during the evaluation and export; all "
+                             r"3 steps are saved \(.*ckpt-3\)\. Rerun the same command to "
+                             r"evaluate and export \(nothing is left to train\)\.$"):
+        train_lib.train_and_evaluate(c, str(tmp_path))
+    monkeypatch.undo()
+    _, results = train_lib.train_and_evaluate(c, str(tmp_path))
+    assert results["resumed_from_step"] == 3 and os.path.isdir(results["export_dir"])
+
+
 def test_a_failed_evaluation_keeps_the_checkpoints_and_the_export(tmp_path, monkeypatch):
     def broken(self):
         raise MemoryError("the kNN bank does not fit")
@@ -257,6 +421,16 @@ def test_results_json_never_holds_a_bare_nan():
     safe = train_lib._json_safe({"loss": math.nan, "per_epoch": [1.0, math.inf], "ok": 2})
     assert safe == {"loss": None, "per_epoch": [1.0, None], "ok": 2}
     json.dumps(safe, allow_nan=False)  # valid JSON
+
+
+def test_knn_jsonl_never_holds_a_bare_nan(tmp_path):
+    path = tmp_path / "knn.jsonl"
+    monitor = knn.KNNMonitor(None, None, 2, ks=(3,), history_path=str(path), verbose=0)
+    monitor.evaluate = lambda: {3: math.nan}  # e.g. an accuracy over no test image
+    monitor.record(1)
+    assert json.loads(path.read_text()) == {"epoch": 1, "k3": None}  # strict JSON: null
+    monitor.restore_history(1)  # a null accuracy is no evaluation of that epoch
+    assert monitor.history == [] and json.loads(path.read_text())["k3"] is None
 
 
 def test_red_team_table_lists_at_least_60_cases():

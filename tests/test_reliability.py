@@ -5,6 +5,7 @@ and that nothing already saved is lost."""
 import contextlib
 import errno
 import json
+import logging
 import os
 import re
 import signal
@@ -214,9 +215,14 @@ def test_empty_folders_and_single_image_folders(tmp_path):
 
 
 def _config_file(tmp_path, name, body):
+    """A config file whose get_config() runs `body`; a body starting with "#raw" is the whole
+    file."""
     path = tmp_path / f"{name}.py"
-    path.write_text("from configs import synthetic\nimport ml_collections\n\n\n"
-                    "def get_config():\n" + textwrap.indent(textwrap.dedent(body), "    "))
+    if body.startswith("#raw"):
+        path.write_text(body)
+    else:
+        path.write_text("from configs import synthetic\nimport ml_collections\n\n\n"
+                        "def get_config():\n" + textwrap.indent(textwrap.dedent(body), "    "))
     return str(path)
 
 
@@ -255,6 +261,35 @@ CONFIG_MISTAKES = [
      "Unknown variant 'nosuch': configs/synthetic.py has none."),
     ("steps_per_epoch_negative", ["--config.train.steps_per_epoch=-1"],
      "'train.steps_per_epoch' must be >= 1, got -1."),
+    ("epochs_zero", ["--config.train.epochs=0"], "'train.epochs' must be >= 1, got 0."),
+    ("knn_ks_not_integers", ["--config.eval.knn_ks=(5.5,)"],
+     "'eval.knn_ks' must be a tuple of int, e.g. (200, 20), got (5.5,)."),
+    ("std_not_numbers", ["--config.data.std=(abc,)"], "'data.std' must be a tuple of float"),
+    ("seed_negative", ["--config.seed=-1"], "'seed' must be >= 0 and <= 4294967295, got -1."),
+    ("lr_decay_epochs_decreasing", ["--config.train.lr_decay_epochs=(2,1)"],
+     "'train.lr_decay_epochs' must be increasing epochs > 0"),
+    ("placeholder_of_the_wrong_type_in_a_config_file",
+     "raw = synthetic.get_config().to_dict()\nraw['train']['steps_per_epoch'] = 'ten'\n"
+     "return ml_collections.ConfigDict(raw)",
+     "'train.steps_per_epoch' must be of type int or None, got 'ten'."),
+    ("fashion_mnist_with_fewer_classes",
+     ["--config=configs/fashion_mnist.py:smoke", "--config.data.num_classes=4"],
+     "'data.num_classes' (4) is smaller than the 10 classes of Fashion-MNIST; set "
+     "data.num_classes=10."),
+    # Config files that do not load: one line naming the file and the error (were 18-51
+    # traceback lines, or "Unknown config key '?'").
+    ("get_config_raises", "return undefined_name",
+     "get_config() in {tmp}/get_config_raises.py failed: NameError: name 'undefined_name' is "
+     "not defined (line 6)."),
+    ("config_file_import_fails", "#raw\nimport no_such_module_xyz\n\n\ndef get_config():\n"
+                                 "    return None\n",
+     "the config file {tmp}/config_file_import_fails.py failed to load: ModuleNotFoundError: "
+     "No module named 'no_such_module_xyz' (line 2)."),
+    ("get_config_returns_a_dict", "return {'seed': 1}",
+     "get_config() in {tmp}/get_config_returns_a_dict.py returned a dict; it must return an "
+     "ml_collections.ConfigDict"),
+    ("config_file_without_get_config", "#raw\nSEED = 1\n",
+     "the config file {tmp}/config_file_without_get_config.py has no get_config() function"),
     ("tpu_without_a_tpu", ["--config.train.strategy=tpu"],
      "'train.strategy' is 'tpu' but no TPU was found at 'local'"),
     ("mirrored_without_gpus", ["--config.train.strategy=mirrored"],
@@ -270,8 +305,8 @@ CONFIG_MISTAKES = [
     ("unprepared_tfds_without_download",
      ["--config.data.source=tfds", "--config.data.name=cifar10",
       "--config.data.data_dir={tmp}/no_tfds", "--config.data.tfds_download=False"],
-     "Data error: tfds dataset 'cifar10' is not prepared in {tmp}/no_tfds. Run `tfds build "
-     "cifar10 --data_dir={tmp}/no_tfds`"),
+     "Data error: tfds dataset 'cifar10' is not prepared in {tmp}/no_tfds. Run `python -m "
+     "moco_tf.data.prepare cifar10 --data_dir={tmp}/no_tfds`"),
     ("flat_validation_folder",
      ["--config=configs/moco_v2.py", "--config.data.source=image_folder",
       "--config.data.data_dir={tmp}/ilsvrc/train", "--config.data.eval_dir={tmp}/ilsvrc/val_flat",
@@ -347,6 +382,16 @@ def train_py_runs(tmp_path_factory):
             "--config=configs/synthetic.py"]
         workdir = str(tmp / name / "workdir")
         cases.append((name, config + args + [f"--workdir={workdir}"], str(tmp / f"{name}.err")))
+    # A workdir with a checkpoint of another model (a queue of 128 keys, not 64).
+    other = synthetic.get_config()
+    other.moco.queue_size = 128
+    model = train_lib.build_model(other)
+    model.optimizer.build(model.trainable_variables)
+    checkpoint_lib.Checkpointer(str(tmp / "other_model" / "checkpoints"), model, seed=0,
+                                batch_size=32).save(8, 1)
+    cases.append(("checkpoint_of_another_model", ["--config=configs/synthetic.py",
+                                                  f"--workdir={tmp / 'other_model'}"],
+                  str(tmp / "other_model.err")))
     # A queue of 2^40 keys (512 TB): TensorFlow's allocator really fails (after ~10 s of retries).
     cases.append(("out_of_memory", ["--config=configs/synthetic.py",
                                     f"--config.moco.queue_size={2**40}",
@@ -438,6 +483,155 @@ def test_sigterm_saves_a_checkpoint_says_how_to_resume_and_exits_143(tmp_path):
     step, path = int(match.group(1)), match.group(2)
     assert step >= 2 and path.endswith(f"ckpt-{step}")
     assert checkpoint_lib.checkpoints_in(str(workdir / "checkpoints"))[0] == path
+
+
+# train.py itself, stalled at one point (a marker file says it got there) so that the test can
+# send a signal there: in TensorFlow's import, or in the export after training.
+_STALLED_TRAIN_PY = """
+import importlib.abc, os, runpy, sys, time
+marker, where = sys.argv.pop(1), sys.argv.pop(1)
+sys.path.insert(0, os.getcwd())
+
+def stall(*args, **kwargs):
+    open(marker, "w").close()
+    time.sleep(300)
+
+if where == "tensorflow_import":
+    class Stall(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "tensorflow":
+                stall()
+            return None
+    sys.meta_path.insert(0, Stall())
+else:  # the export, after the last step's checkpoint
+    from moco_tf import export
+    export.export_backbone = stall
+sys.argv[0] = "train.py"
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+_QUICK_RUN = ["--config=configs/synthetic.py", "--config.train.epochs=1",
+              "--config.train.steps_per_epoch=2", "--config.eval.knn_every_epochs=0",
+              "--config.train.verbose=0"]
+_NOISE = re.compile(r"[IWE]0000 |WARNING: All log messages before absl::InitializeLog")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where,signum,line", [
+    ("tensorflow_import", signal.SIGINT,
+     r"Interrupted: Stopped before training began: nothing was trained or saved; checkpoints "
+     r"already in \S+/checkpoints are kept\. Rerun the same command to start \(or resume\)\."),
+    ("export", signal.SIGTERM,
+     r"Interrupted: Interrupted after training, during the evaluation and export; all 2 steps "
+     r"are saved \(\S+/ckpt-2\)\. Rerun the same command to evaluate and export \(nothing is "
+     r"left to train\)\."),
+])
+def test_a_signal_outside_training_gives_one_line_and_the_signals_exit_status(tmp_path, where,
+                                                                             signum, line):
+    # Were a 22-line (import) and a 52-line (final evaluation) traceback, SIGTERM exit 130.
+    marker = tmp_path / "stalled"
+    run = subprocess.Popen(
+        [sys.executable, "-c", _STALLED_TRAIN_PY, str(marker), where, *_QUICK_RUN,
+         f"--workdir={tmp_path / 'run'}"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
+    try:
+        for _ in range(3000):
+            if marker.exists() or run.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert run.poll() is None, run.communicate()[1][-2000:]
+        run.send_signal(signum)
+        _, stderr = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.returncode == 128 + signum, stderr[-2000:]
+    assert "Traceback" not in stderr
+    if where == "tensorflow_import":  # (the other harness imports TensorFlow itself)
+        assert not _NOISE.search(stderr), stderr
+    assert re.fullmatch(line, stderr.strip().splitlines()[-1]), stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def quick_runs(tmp_path_factory):
+    """Three real `python train.py` runs of 2 steps, at once: absl's default verbosity, `-v 1`
+    and `-v -1` (the space form). Yields {name: CompletedProcess-like (returncode, stderr)}."""
+    tmp = tmp_path_factory.mktemp("quick")
+    flags = {"default": [], "v1": ["-v", "1"], "v_minus_1": ["-v", "-1"]}
+    runs = {name: subprocess.Popen([sys.executable, "train.py", *_QUICK_RUN, *extra,
+                                    f"--workdir={tmp / name}"], cwd=ROOT, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for name, extra in flags.items()}
+    return {name: (run.wait(timeout=600), run.communicate()[1]) for name, run in runs.items()}
+
+
+@pytest.mark.slow
+def test_tensorflows_start_up_noise_is_hidden_and_shown_with_verbosity_1(quick_runs):
+    returncode, stderr = quick_runs["default"]
+    assert returncode == 0, stderr[-2000:]
+    lines = stderr.splitlines()
+    # The first line is ours: no oneDNN/CUDA notes, no "E0000 ... failed call to cuInit".
+    assert re.match(r"I\d{4} .*train_lib.py:\d+\] Training 1 epochs x 2 steps of 32 images\.$",
+                    lines[0]), lines[:5]
+    assert not any(_NOISE.match(line) for line in lines), stderr
+    returncode, stderr = quick_runs["v1"]
+    assert returncode == 0, stderr[-2000:]
+    assert any(_NOISE.match(line) for line in stderr.splitlines())  # all of it, with -v 1
+    assert "Training 1 epochs x 2 steps" in stderr
+
+
+@pytest.mark.slow
+def test_verbosity_given_with_a_space_is_honoured(quick_runs):
+    returncode, stderr = quick_runs["v_minus_1"]  # -v -1: warnings and errors only
+    assert returncode == 0, stderr[-2000:]
+    assert "Training 1 epochs" not in stderr and "Saved checkpoint" not in stderr
+
+
+def test_startup_noise_is_dropped_but_real_errors_and_tracebacks_are_kept(capfd):
+    from moco_tf import train_cli
+
+    noise = ["WARNING: All log messages before absl::InitializeLog() is called are written to "
+             "STDERR",
+             "I0000 00:00:1796284220.955563   17905 port.cc:153] oneDNN custom operations are on.",
+             "E0000 00:00:1796284222.039653   17905 cuda_platform.cc:52] failed call to cuInit: "
+             "INTERNAL: CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)"]
+    real = ["E0000 00:00:1796284222.039653   17905 some_op.cc:12] a real C++ error",
+            "Traceback (most recent call last):", "ImportError: libcudnn.so.9: cannot open"]
+    with pytest.raises(RuntimeError, match="still raised"):
+        with train_cli._startup_noise_hidden():
+            os.write(2, "\n".join(noise[:2] + real[:1] + noise[2:] + real[1:]).encode() + b"\n")
+            raise RuntimeError("still raised")
+    assert capfd.readouterr().err.splitlines() == real
+    with train_cli._startup_noise_hidden(hide=False):
+        os.write(2, (noise[1] + "\n").encode())
+    assert capfd.readouterr().err.splitlines() == noise[1:2]
+
+
+def test_a_check_that_fails_with_another_exception_is_still_one_line(tmp_path, monkeypatch,
+                                                                    capsys):
+    from absl import flags
+
+    from moco_tf import train_cli
+
+    def broken(config):
+        raise TypeError("'<' not supported between instances of 'str' and 'int'")
+
+    absl_level = logging.getLogger("absl").level  # parsing --verbosity sets it
+    train_cli._parse_flags(["train.py", "--config=configs/synthetic.py",
+                            f"--workdir={tmp_path / 'run'}"])
+    monkeypatch.setattr(config_lib, "validate", broken)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            train_cli.main([])
+    finally:
+        flags.FLAGS.unparse_flags()
+        logging.getLogger("absl").setLevel(absl_level)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "Config error: the config could not be checked (TypeError: '<' not supported between "
+        "instances of 'str' and 'int'); look for a value of the wrong kind in the config file "
+        "or the overrides."]
+    assert not os.path.exists(tmp_path / "run")
 
 
 def test_without_flock_the_lock_checks_the_pid(tmp_path, monkeypatch):
@@ -605,6 +799,16 @@ def test_a_float16_step_the_loss_scaler_skips_still_counts_as_a_batch():
     model.train_on_batch(_views(rng))
     assert int(model.optimizer.iterations.numpy()) == 3
     assert not all(np.array_equal(w, v.numpy()) for w, v in zip(weights, model.backbone.trainable_weights))
+
+
+def test_a_checkpoint_of_another_model_is_an_input_mistake_exit_2(train_py_runs):
+    returncode, stderr, workdir = train_py_runs["checkpoint_of_another_model"]
+    lines = [line for line in stderr.splitlines() if "ckpt-8" in line]
+    assert returncode == 2, stderr[-2000:]  # was 1, like a failure after the start
+    assert len(lines) == 1 and "Traceback" not in stderr
+    assert lines[0].startswith(f"Checkpoint error: {workdir}/checkpoints/ckpt-8 does not match "
+                               f"this model (Received incompatible tensor with shape (128, 128)")
+    assert lines[0].endswith("Use another --workdir.")
 
 
 def test_out_of_memory_names_the_knobs_to_turn(train_py_runs):

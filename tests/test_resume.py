@@ -16,7 +16,7 @@ import tensorflow as tf
 from configs import synthetic
 from moco_tf import callbacks as callbacks_lib
 from moco_tf import checkpoint as checkpoint_lib
-from moco_tf import train_lib
+from moco_tf import errors, train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -250,3 +250,89 @@ def test_a_resumed_run_keeps_the_knn_curve_of_the_epochs_before_the_resume(tmp_p
     assert resumed["knn_per_epoch"] == first["knn_per_epoch"]
     with open(os.path.join(workdir, "knn.jsonl")) as f:
         assert [json.loads(line)["epoch"] for line in f] == [1, 2]
+
+
+def test_rerunning_a_finished_run_keeps_its_throughput_figures(tmp_path):
+    # Was: images_per_sec overwritten with null by the rerun, which trains nothing.
+    workdir = str(tmp_path)
+    c, first = finished_tiny_run(workdir)
+    _, again = train_lib.train_and_evaluate(c, workdir)
+    assert first["images_per_sec"] is not None and first["images_per_sec"] > 0
+    assert (again["images_per_sec"], again["train_seconds"]) == (first["images_per_sec"],
+                                                                 first["train_seconds"])
+
+
+class _Clock:
+    """A clock the test moves by hand: what `_Throughput` reads instead of the time."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _fit(throughput, clock, epochs, steps, first_step_seconds, step_seconds, eval_seconds=50.0):
+    """The callbacks `fit` calls, with a slow first step (tracing) and an evaluation after each
+    epoch (which must not count)."""
+    throughput.on_train_begin()
+    for epoch in range(epochs):
+        throughput.on_epoch_begin(epoch)
+        for batch in range(steps):
+            clock.now += first_step_seconds if (epoch == 0 and batch == 0) else step_seconds
+            throughput.on_train_batch_end(batch)
+        throughput.on_epoch_end(epoch)
+        clock.now += eval_seconds
+
+
+def test_throughput_after_a_resume_leaves_out_each_fits_first_step():
+    # A resume at step 9 of 3 x 8: one fit of the rest of epoch 2 (7 steps), one of epoch 3.
+    # Each fit's first step traces the step function (20 s here); the steady step is 0.01 s.
+    clock = _Clock()
+    throughput = train_lib._Throughput(batch_size=32, clock=clock)
+    _fit(throughput, clock, epochs=1, steps=7, first_step_seconds=20.0, step_seconds=0.01)
+    _fit(throughput, clock, epochs=1, steps=8, first_step_seconds=20.0, step_seconds=0.01)
+    assert throughput.timed_steps == 6 + 7
+    assert throughput.images_per_sec() == pytest.approx(32 / 0.01)  # not (15 * 32) / 40.15 s
+    assert throughput.train_seconds == pytest.approx(40.0 + 13 * 0.01)
+    # A one-epoch run: its tracing step is left out too (was: counted, the only epoch).
+    single = train_lib._Throughput(batch_size=32, clock=clock)
+    _fit(single, clock, epochs=1, steps=5, first_step_seconds=20.0, step_seconds=0.5)
+    assert single.images_per_sec() == pytest.approx(32 / 0.5)
+    nothing = train_lib._Throughput(batch_size=32, clock=clock)
+    _fit(nothing, clock, epochs=1, steps=1, first_step_seconds=20.0, step_seconds=0.5)
+    assert nothing.images_per_sec() is None  # no steady step to time
+
+
+def test_a_mid_epoch_resume_numbers_epochs_and_steps_as_the_run_does(tmp_path, capsys, caplog):
+    import keras
+
+    class CtrlC(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if int(self.model.optimizer.iterations.numpy()) == 9:
+                raise KeyboardInterrupt
+
+    c = synthetic.get_config()
+    c.data.synthetic_examples, c.moco.queue_size, c.train.batch_size = 64, 32, 16
+    c.train.epochs, c.train.steps_per_epoch, c.train.checkpoint_every_steps = 3, 8, 0
+    c.eval.knn_ks, c.eval.batch_size, c.eval.export, c.train.verbose = (5,), 32, False, 0
+    with pytest.raises(errors.Interrupted, match="Interrupted at step 9 of 24"):
+        train_lib.train_and_evaluate(c, str(tmp_path), callbacks=[CtrlC()])
+    capsys.readouterr()
+    c.train.verbose = 1
+    with caplog.at_level(logging.INFO), caplog.at_level(logging.INFO, logger="absl"):
+        _, results = train_lib.train_and_evaluate(c, str(tmp_path))
+    out = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)  # the bar's colours
+    # The first fit is the rest of epoch 2: "Epoch 2/3", steps 2..8 of 8 (was "Epoch 2/2", 1/7).
+    assert re.findall(r"Epoch (\d/\d)\n", out) == ["2/3", "3/3"]
+    counts = re.findall(r"(\d+)/(\d+) ", out)
+    assert counts and {total for _, total in counts} == {"8"}
+    assert counts[0][0] == "2"
+    # The kNN line starts on a line of its own, not at the end of the bar's.
+    assert re.findall(r"(?m)^Epoch (\d): kNN top-1 k=5: ", out) == ["2", "3"]
+    assert not re.search(r"[^\n]Epoch \d: kNN", out)
+    # The resume line and the checkpoint lines say where a step is the same way.
+    text = caplog.text
+    assert "Resuming from step 9 of 24 (epoch 2 of 3, step 1 of 8 done)" in text
+    assert "ckpt-16 (step 16 of 24: epoch 2 of 3, step 8 of 8)." in text
+    assert results["resumed_from_step"] == 9 and results["images_per_sec"] > 0

@@ -200,6 +200,13 @@ def evaluate_knn(
     )
 
 
+def _json_line(record: dict) -> str:
+    """One JSON line; NaN/inf as null (`json` would write a bare NaN, which is not JSON)."""
+    safe = {k: None if isinstance(v, float) and not np.isfinite(v) else v
+            for k, v in record.items()}
+    return json.dumps(safe, allow_nan=False) + "\n"
+
+
 class KNNMonitor(keras.callbacks.Callback):
     """Weighted kNN top-1 of the query backbone, every N epochs and at the last epoch.
 
@@ -259,14 +266,22 @@ class KNNMonitor(keras.callbacks.Callback):
     def restore_history(self, last_epoch: int):
         """Takes `history` from `history_path` up to (1-based) `last_epoch`, the epochs the
         restored weights have finished, and drops later lines (a killed run's evaluations that the
-        resumed one repeats)."""
+        resumed one repeats). Records of other ks (`eval.knn_ks` changed since) stay in the file
+        but not in `history`: an epoch without every k of `ks` counts as not evaluated."""
         if not self.history_path:
             return
         logged = callbacks_lib.read_jsonl(self.history_path, "epoch")  # torn lines skipped
         records = [r for e, r in sorted(logged.items()) if e <= last_epoch]
-        self.history = [(r["epoch"], {k: r[f"k{k}"] for k in self.ks}) for r in records]
+        names = [f"k{k}" for k in self.ks]
+        self.history = [(r["epoch"], {k: r[n] for k, n in zip(self.ks, names)})
+                        for r in records if all(r.get(n) is not None for n in names)]
+        if len(self.history) < len(records):
+            logging.info("%s: %d of %d earlier evaluations lack k=%s (other eval.knn_ks); they "
+                         "stay in the file, out of this run's curve.", self.history_path,
+                         len(records) - len(self.history), len(records),
+                         ", ".join(map(str, self.ks)))
         with tf.io.gfile.GFile(self.history_path, "w") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in records))
+            f.write("".join(_json_line(r) for r in records))
 
     def on_train_begin(self, logs=None):
         # Evaluate the *query* backbone (the one being trained), not the momentum copy.
@@ -313,10 +328,13 @@ class KNNMonitor(keras.callbacks.Callback):
         if self.history_path:
             record = {"epoch": epoch, **{f"k{k}": float(a) for k, a in accuracies.items()}}
             with tf.io.gfile.GFile(self.history_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(_json_line(record))
         if logs is not None:
             for i, k in enumerate(self.ks):
                 logs["knn_top1" if i == 0 else f"knn_top1_k{k}"] = accuracies[k]
         if self.verbose:
             parts = ", ".join(f"k={k}: {100 * accuracies[k]:.2f}%" for k in self.ks)
-            print(f"Epoch {epoch}: kNN top-1 {parts}")
+            # In `fit` with a progress bar (verbose=1), its line is not ended yet.
+            bar = logs is not None and (self.params or {}).get("verbose") == 1
+            start = "\n" if bar else ""
+            print(f"{start}Epoch {epoch}: kNN top-1 {parts}")
