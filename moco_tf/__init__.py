@@ -8,7 +8,8 @@ The public API, named after the paper's terms:
   train_and_evaluate   what train.py runs: fit, kNN, export, results.json
   export_backbone, load_backbone    SavedModel + .keras export of the query backbone
   SGD, LARS            the recipes' optimizers, with PyTorch's update rules
-Submodules (`moco_tf.config`, `moco_tf.data`, `moco_tf.callbacks`, ...) load on first use too.
+Submodules (`moco_tf.config`, `moco_tf.data`, `moco_tf.callbacks`, ...) load on first use too;
+`moco_tf.configs` holds the bundled configs (configs/*.py of a checkout).
 """
 
 import importlib
