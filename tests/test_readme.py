@@ -50,6 +50,8 @@ PROMISES = {  # (page, block) -> lines appended: what its text says it gives
 import numpy as np
 assert features.shape == (8, 128), features.shape
 assert np.isfinite(features).all()
+scaled = model.predict(np.asarray(test_images, np.float32) / 255.0)  # "uint8 is fine": same values
+np.testing.assert_allclose(features, scaled, atol=1e-5)
 """,
     ("README.md", "saved_model"): """
 assert features.shape == (8, 128), features.shape
