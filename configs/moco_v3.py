@@ -13,10 +13,9 @@ CONFIG.md's commands on top of main_moco.py's defaults:
   ViT-S, -B  AdamW, lr = 1.5e-4 * batch / 256, wd 0.1, 40 warm-up epochs then cosine, crops of
              8-100%, T 0.2, patch projection frozen, 3-layer projector.
   both       batch 4096, 300 epochs, m 0.99 -> 1 (cosine), dim 256, MLP hidden 4096.
-Two differences remain: moco-v3 builds its ResNet with torchvision's zero_init_residual=True
-(the last BN of each block starts at gamma 0; `build_backbone` has the option, the config no
-key), and its ViT predictor ends with an affine-free BN (`build_predictor(last_bn=True)`; the
-config does not select it yet), so the ViT predictor here stops at its last Linear.
+As in moco-v3, the ResNet starts each block's last BN at gamma 0 (torchvision's
+zero_init_residual=True) and the ViT predictor ends with an affine-free BN (MoCo_ViT's
+`_build_mlp(2, dim, mlp_dim, dim)`; the ResNet predictor has none).
 Precision "auto": the official runs use AMP (float16 autocast with a loss scaler); "auto" is
 bfloat16 where the hardware computes it and float32 elsewhere (mixed_float16 also trains:
 --config.precision=mixed_float16).
@@ -32,7 +31,7 @@ MoCo v1/v2's; its lr steps x0.1 at 60% and 80% of the epochs where main_lincls d
 `:vit_runlocal` a few steps on synthetic images (ResNet / a tiny ViT).
 """
 
-from configs import fashion_mnist, moco_v2
+from moco_tf.configs import fashion_mnist, moco_v2
 
 VARIANTS = ("", "runlocal", "fashion_mnist", "vit_small", "vit_base", "vit_runlocal")
 
@@ -60,6 +59,8 @@ def vit(c, arch):
     c.model.backbone = arch
     c.model.patch_size = 16
     c.model.projector_layers = 3
+    c.model.predictor_last_bn = True  # MoCo_ViT: _build_mlp(2, dim, mlp_dim, dim), last BN on
+    c.model.zero_init_residual = False  # a ResNet option
     c.data.crop_scale = (0.08, 1.0)  # main_moco.py's default --crop-min; only ResNets pass .2
     c.moco.temperature = 0.2
     c.moco.loss_scale = 2 * c.moco.temperature
@@ -80,6 +81,7 @@ def get_config(variant=""):
     runlocal = variant in ("runlocal", "vit_runlocal")
     c = apply_method(moco_v2.get_config("runlocal" if runlocal else ""))
     c.model.norm = "sync_bn"  # BN statistics over all replicas, as the paper
+    c.model.zero_init_residual = True  # moco-v3: torchvision resnet50(zero_init_residual=True)
     c.model.projector_hidden_dim = 4096
     c.model.predictor_hidden_dim = 4096
     c.moco.dim = 256

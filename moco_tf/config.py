@@ -103,6 +103,8 @@ def defaults() -> ml_collections.ConfigDict:
     c.model.projector_bn = False  # mlp: BN on hidden layers + affine-free BN on the output (v3)
     c.model.predictor = False  # the MoCo v3 predictor, on the query side only
     c.model.predictor_hidden_dim = 0  # 0 = the backbone's feature dim
+    c.model.predictor_last_bn = False  # predictor ends with an affine-free BN (moco-v3's ViT)
+    c.model.zero_init_residual = False  # ResNets: each block's last BN starts at gamma 0
 
     c.moco = ml_collections.ConfigDict()
     c.moco.dim = 128
@@ -431,6 +433,12 @@ def _check_ranges(config):
         raise ConfigError(f"'model.stem_stride' ({config.model.stem_stride}) applies to the CIFAR "
                           f"stem only (model.cifar_stem=True); the ImageNet stem has its own "
                           f"stride and max-pool.")
+    if config.model.predictor_last_bn and not config.model.predictor:
+        raise ConfigError("'model.predictor_last_bn' needs a predictor: set model.predictor=True "
+                          "(MoCo v3) or leave it False.")
+    if config.model.zero_init_residual and not config.model.backbone.startswith("resnet"):
+        raise ConfigError(f"'model.zero_init_residual' applies to ResNets, not "
+                          f"'{config.model.backbone}'.")
     if config.model.projector == "mlp" and config.model.projector_layers < 2:
         raise ConfigError("'model.projector_layers' must be >= 2 for an MLP projector (1 is "
                           "model.projector='linear').")

@@ -71,6 +71,7 @@ def build_model(config, total_steps=1, epoch_steps=1) -> MoCo:
         m.backbone, (d.image_size, d.image_size, d.channels), cifar_stem=m.cifar_stem,
         stem_stride=m.stem_stride, norm=m.norm, split_bn_groups=m.split_bn_groups, mean=d.mean,
         std=d.std, width=m.width, patch_size=m.patch_size,
+        zero_init_residual=m.zero_init_residual,
     )
     feature_dim = backbone.output_shape[-1]
     head_norm = {"norm": m.norm, "split_bn_groups": m.split_bn_groups}
@@ -82,7 +83,7 @@ def build_model(config, total_steps=1, epoch_steps=1) -> MoCo:
     predictor = None
     if m.predictor:
         predictor = heads.build_predictor(c.dim, c.dim, m.predictor_hidden_dim or feature_dim,
-                                          **head_norm)
+                                          last_bn=m.predictor_last_bn, **head_norm)
     model = MoCo(
         backbone, projector, queue_size=c.queue_size, momentum=c.momentum,
         temperature=c.temperature, momentum_scope=c.momentum_scope, negatives=c.negatives,

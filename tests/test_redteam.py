@@ -99,6 +99,9 @@ def test_a_bad_config_value_is_refused_with_one_line(key, value, message):
      "'model.stem_stride' (2) applies to the CIFAR stem only"),
     ({"moco.negatives": "both_views", "moco.symmetric": False}, "needs symmetric=True"),
     ({"moco.momentum_scope": "none"}, "needs a momentum encoder"),
+    ({"model.predictor_last_bn": True}, "'model.predictor_last_bn' needs a predictor"),
+    ({"model.zero_init_residual": True, "model.backbone": "small_cnn"},
+     "'model.zero_init_residual' applies to ResNets"),
 ])
 def test_combinations_that_cannot_work_are_refused(overrides, message):
     c = synthetic.get_config()

@@ -63,6 +63,7 @@ def test_the_vit_recipe_is_the_papers():
         assert (c.train.warmup_epochs, c.train.epochs, c.train.batch_size) == (40, 300, 4096)
         assert c.moco.temperature == 0.2 and c.moco.loss_scale == pytest.approx(0.4)
         assert tuple(c.data.crop_scale) == (0.08, 1.0) and c.precision == "auto"  # AMP there
+        assert c.model.predictor_last_bn and not c.model.zero_init_residual
     # ResNet-50, 300 epochs (CONFIG.md over main_moco.py's defaults).
     r50 = moco_v3.get_config("")
     assert r50.model.projector_layers == 2  # builder.py: 2 for ResNets
@@ -71,8 +72,11 @@ def test_the_vit_recipe_is_the_papers():
     assert (r50.train.warmup_epochs, r50.train.epochs, r50.train.batch_size) == (10, 300, 4096)
     assert tuple(r50.data.crop_scale) == (0.2, 1.0) and r50.moco.temperature == 1.0
     assert (r50.moco.momentum, r50.moco.momentum_schedule, r50.moco.dim) == (0.99, "cosine", 256)
+    assert r50.model.zero_init_residual and not r50.model.predictor_last_bn  # MoCo_ResNet
     assert moco_v3.get_config("vit_runlocal").precision == "float32"
-    optimizer = train_lib.build_model(moco_v3.get_config("vit_runlocal")).optimizer
+    model = train_lib.build_model(moco_v3.get_config("vit_runlocal"))
+    assert type(model.predictor.layers[-1]).__name__ == "SplitBatchNorm"  # MoCo_ViT's last BN
+    optimizer = model.optimizer
     assert isinstance(optimizer, keras.optimizers.AdamW) and optimizer.epsilon == 1e-8
 
 
