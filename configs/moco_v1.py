@@ -7,7 +7,7 @@ The paper's run: 8 V100 GPUs, ~53 hours, 60.6% linear top-1. Everything not list
 `:runlocal` is a few steps on synthetic images.
 """
 
-from configs import moco_v2
+from moco_tf.configs import moco_v2
 
 
 def get_config(variant=""):

@@ -5,7 +5,7 @@ encoder fluctuates most, without a second backbone forward pass.
   python train.py --config=configs/projector_momentum.py:fashion_mnist --workdir=runs/proj_ema_fm
 """
 
-from configs import simclr
+from moco_tf.configs import simclr
 
 
 def get_config(variant=""):

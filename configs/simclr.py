@@ -9,7 +9,7 @@ after 1000 epochs). `:fashion_mnist` keeps the quickstart's data, model, optimiz
 changes only the method switches, for the momentum study (experiments/momentum_study.py).
 """
 
-from configs import fashion_mnist, moco_v2
+from moco_tf.configs import fashion_mnist, moco_v2
 
 
 def apply_method(c):

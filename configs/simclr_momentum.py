@@ -4,7 +4,7 @@ come from the EMA of the whole encoder (backbone + projector); NT-Xent otherwise
   python train.py --config=configs/simclr_momentum.py:fashion_mnist --workdir=runs/simclr_ema_fm
 """
 
-from configs import simclr
+from moco_tf.configs import simclr
 
 
 def get_config(variant=""):

@@ -277,7 +277,7 @@ def bundled_config(argv):
         if arg.startswith("--config="):
             path, colon, variant = arg[len("--config="):].partition(":")
             if not os.path.exists(path):
-                import configs
+                from moco_tf import configs
 
                 name = os.path.basename(path)
                 name = name if name.endswith(".py") else name + ".py"

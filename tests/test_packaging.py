@@ -127,9 +127,6 @@ for name in ("fashion_mnist", "moco_v3", "simclr_momentum"):
 """
 
 
-@pytest.mark.xfail(strict=True, reason="train_cli.bundled_config does `import configs` and "
-                   "configs/{moco_v1,moco_v3,simclr,simclr_momentum,projector_momentum}.py "
-                   "`from configs import ...`: both must name moco_tf.configs")
 def test_moco_tf_train_finds_the_bundled_configs_of_an_installed_copy(wheel, tmp_path):
     target = tmp_path / "site"
     proc = subprocess.run([*PIP, "install", "--no-deps", "--target", str(target), wheel],
