@@ -53,8 +53,9 @@ class StepLog(keras.callbacks.Callback):
         record = {"step": _step(self.model)}
         for key, name in self.KEYS.items():
             if logs and key in logs:
-                record[name] = float(logs[key])
-        self._file.write(json.dumps(record) + "\n")
+                value = float(logs[key])
+                record[name] = value if math.isfinite(value) else None  # NaN is not JSON
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
 
     def on_train_end(self, logs=None):

@@ -49,7 +49,8 @@ def create_strategy(name="default", *, devices=None, tpu=None):
             tf.config.experimental_connect_to_cluster(resolver)
             tf.tpu.experimental.initialize_tpu_system(resolver)
         except (tf.errors.OpError, ValueError, RuntimeError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            first = first if len(first) <= 200 else first[:200].rsplit(" ", 1)[0] + " ..."
             raise ConfigError(
                 f"'train.strategy' is 'tpu' but no TPU was found at {address!r} ({first}). Run "
                 f"on a TPU VM, or set TPU_NAME to your TPU, or use train.strategy=default."
