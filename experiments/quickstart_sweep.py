@@ -63,6 +63,9 @@ VARIANTS = {  # name (no commas: --variants splits on them) -> overrides of conf
     "SimCLR + EMA from layer3": {"moco.momentum_scope": "from:layer3", **_SIMCLR},
     # The study's best 5-epoch method, in the quickstart's time (1.2x its step: 12 epochs).
     "EMA from layer3 12 epochs": {"moco.momentum_scope": "from:layer3", "train.epochs": 12},
+    # The two best k=20 changes together.
+    "EMA from layer3 12 epochs projector with BN": {"moco.momentum_scope": "from:layer3",
+                                                    "train.epochs": 12, "model.projector_bn": True},
     # The quickstart of version 0.2 (`configs/fashion_mnist.py:moco_v2`) and its variants.
     "MoCo v2": _MOCO_V2,
     "MoCo v2 crop 0.5-1": {**_MOCO_V2, "data.crop_scale": (0.5, 1.0)},
