@@ -8,9 +8,9 @@ batch index into the run seed, so batch ``i`` is the same in a resumed run.
 
 Why not keras-cv ``RandomCropAndResize``: it is per image too, but it crops image by image
 (vectorized_map) and draws from a stateful generator, so batches can't be replayed; and the one
-batched op was 5-7x faster at 28 px, 1.2-1.4x at 224 px (benchmarks/pipeline_crop.py; numbers
-in docs/performance.md). Large images are read one by one instead (``records.py``) and only the
-photometric stage runs here, batched.
+batched op is faster (benchmarks/pipeline_crop.py; the numbers are in docs/data.md). Large
+images are read one by one instead (``records.py``) and only the photometric stage runs here,
+batched.
 
 Recipes (MoCo official code, torchvision semantics):
 * moco_v1: RandomResizedCrop(scale), RandomGrayscale(0.2), ColorJitter(0.4, 0.4, 0.4, 0.4), flip.
@@ -118,7 +118,7 @@ def crop_views(images, kind, *, image_size, crop_scale, seed, ratio=ASPECT_RATIO
     shape = tf.shape(images)
     # A static batch size keeps the boxes' shape static (grappler warns on CropAndResize otherwise).
     batch = images.shape[0] if images.shape[0] is not None else shape[0]
-    # float input: CropAndResize's float kernel is faster than its uint8 one (measured ~1.4x).
+    # float input: CropAndResize's float kernel is faster than its uint8 one (docs/data.md).
     pixels = tf.cast(images, tf.float32)
     views = []
     for view, recipe in enumerate(recipes_of(kind)):
@@ -201,7 +201,7 @@ def _colour(x, u, recipe):
 @functools.lru_cache(maxsize=None)
 def _fused_colour(recipe):
     """``_colour`` compiled by XLA: its ~20 element-wise ops (and the HSV round trip of the hue)
-    become one pass over the pixels: colour jitter at 224 px ~3x faster (docs/data.md)."""
+    become one pass over the pixels (the timings are in docs/data.md)."""
     return tf.function(functools.partial(_colour, recipe=recipe), jit_compile=True)
 
 
