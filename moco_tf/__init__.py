@@ -17,6 +17,8 @@ import importlib.util
 import os
 import sys
 
+from moco_tf import _lazy
+
 # name -> module. Imported on first use (PEP 562), so that `import moco_tf.config` (every config
 # file does) does not load TensorFlow: train.py reports a config mistake before it loads.
 _API = {
@@ -57,15 +59,4 @@ def _checkout_configs():
 _checkout_configs()
 
 
-def __getattr__(name):
-    if name in _SUBMODULES:
-        return importlib.import_module(f"moco_tf.{name}")
-    if name not in _API:
-        raise AttributeError(f"module 'moco_tf' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_API[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_API) | set(_SUBMODULES))
+__getattr__, __dir__ = _lazy.attributes("moco_tf", globals(), _API, _SUBMODULES)

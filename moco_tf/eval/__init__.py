@@ -5,7 +5,7 @@ The submodules load on first use (PEP 562): `moco_tf.eval.projector.write_embedd
 works after `import moco_tf`, and `python -m moco_tf.eval.linear` does not find its module
 already imported by the package.
 """
-import importlib
+from moco_tf import _lazy
 
 _API = {  # name -> module, imported on first use
     "KNNMonitor": "moco_tf.eval.knn",
@@ -18,15 +18,4 @@ _SUBMODULES = ("knn", "linear", "projector")
 __all__ = sorted(_API)
 
 
-def __getattr__(name):
-    if name in _SUBMODULES:
-        return importlib.import_module(f"moco_tf.eval.{name}")
-    if name not in _API:
-        raise AttributeError(f"module 'moco_tf.eval' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_API[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_API) | set(_SUBMODULES))
+__getattr__, __dir__ = _lazy.attributes("moco_tf.eval", globals(), _API, _SUBMODULES)
