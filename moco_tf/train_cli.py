@@ -6,16 +6,12 @@ variant after a colon, e.g. `--config=configs/fashion_mnist.py:smoke`. `--config
 file of that name takes the bundled `configs/NAME.py`. Train on all local GPUs with
 `--config.train.strategy=mirrored` (multi_worker: several hosts via TF_CONFIG; tpu: a TPU VM).
 Log detail: absl's `--verbosity` / `-v` (default: INFO from moco_tf, WARNING from TensorFlow;
-`-v 1` also shows TensorFlow's C++ start-up lines, hidden otherwise).
+`-v 1` or TF_CPP_MIN_LOG_LEVEL=0 also shows TensorFlow's C++ start-up lines, hidden otherwise).
 """
 
-import contextlib
 import os
-import re
 import signal
 import sys
-import tempfile
-import traceback
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -23,19 +19,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from moco_tf import cli  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where logs, checkpoints, results and exports go.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-# What TensorFlow's C++ start-up writes to fd 2 on every run, whatever TF_CPP_MIN_LOG_LEVEL says
-# (abseil logs them before InitializeLog, hence the date 0000): oneDNN and CUDA-probe notes, and
-# on a CPU machine "E0000 ... failed call to cuInit". Other E/F lines are real and are shown.
-_STARTUP_NOISE = re.compile(
-    r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
-    r"|[IW]0000 "
-    r"|E0000 .*(failed call to cuInit|Unable to register cu(DNN|FFT|BLAS) factory)"
-    # The second line of the I0000 CPU-feature note (with TF_CPP_MIN_LOG_LEVEL=0).
-    r"|To enable the following instructions: .*, in other operations, rebuild TensorFlow")
 
 
 def _no_tensorflow_info(record) -> bool:
@@ -59,154 +47,6 @@ def _interrupt_status():
     return 128 + (_received[-1] if _received else signal.SIGINT)
 
 
-def _fail(kind, error, status):
-    print(f"{kind}: {error}", file=sys.stderr)
-    sys.exit(status)
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-def _unknown_override(argv):
-    """The `--config.a.b=` override naming a key the config does not have, in validate()'s words,
-    or None if every override names a known key."""
-    from moco_tf import config as config_lib
-
-    known = config_lib.flat_keys()
-    paths = [a[len("--config."):].split("=")[0] for a in argv if a.startswith("--config.")]
-    unknown = next((p for p in paths if p not in known), None)
-    return None if unknown is None else config_lib.unknown_key_message(unknown)
-
-
-def _parse_flags(argv):
-    """absl's flag parsing; a config file that cannot load and a mistyped or ill-typed
-    `--config.*` override become one "Config error" line and exit status 2, like a mistake
-    inside the config file."""
-    try:
-        parsed = flags.FLAGS(argv)
-    except Exception as e:  # noqa: BLE001  loading a config file runs arbitrary code
-        # The file's own problem first (it also explains errors ml_collections re-raises with a
-        # traceback inside their message), then the override's.
-        message = _config_file_problem(argv, load=True)
-        if message is None and isinstance(e, AttributeError):  # an override of no known key
-            message = _unknown_override(argv)
-        if message is None:
-            message = str(e)
-            if "Traceback (most recent call last)" in message:  # keep the error, not the wall
-                message = message.strip().splitlines()[-1]
-        _fail("Config error", " ".join(message.split()), 2)
-    # ml_collections reports a missing or unreadable file lazily, at the first access.
-    problem = _config_file_problem(argv) or _config_type_problem(argv)
-    if problem is None:
-        return parsed
-    _fail("Config error", " ".join(problem.split()), 2)
-
-
-def _config_arg(argv):
-    arg = next((a for a in argv if a.startswith("--config=")), None)
-    if arg is None:
-        return None, None
-    path, _, variant = arg[len("--config="):].partition(":")
-    return path, variant
-
-
-def _config_type_problem(argv):
-    """get_config() returned something else than a ConfigDict (e.g. a dict): one sentence."""
-    import ml_collections
-
-    value = flags.FLAGS["config"].value
-    if value is None or isinstance(value, ml_collections.ConfigDict):
-        return None
-    path, _ = _config_arg(argv)
-    if type(value).__name__ == "_ErrorConfig":  # ml_collections' deferred load failure
-        try:
-            value.lock
-        except Exception as e:  # noqa: BLE001  the stored error
-            return f"the config file {path} cannot be loaded: {_one_line(e)}"
-    return (f"get_config() in {path} returned a {type(value).__name__}; it must return an "
-            f"ml_collections.ConfigDict (start from moco_tf.config.defaults(), as "
-            f"configs/synthetic.py does).")
-
-
-def _config_file_problem(argv, load=False):
-    """One sentence on why `--config=FILE` cannot load (missing file, syntax error; with `load`,
-    also an error while running it or its get_config(), or no get_config), or None."""
-    path, variant = _config_arg(argv)
-    if path is None:
-        return None
-    if not os.path.isfile(path):
-        return (f"the config file {path} does not exist (give a path such as "
-                f"configs/fashion_mnist.py, or the name of a bundled config).")
-    try:
-        compile(open(path).read(), path, "exec")
-    except SyntaxError as e:
-        return f"the config file {path} has a syntax error at line {e.lineno}: {e.msg}."
-    except (OSError, UnicodeDecodeError) as e:
-        return f"the config file {path} cannot be read: {_one_line(e)}"
-    if not load:
-        return None
-    import importlib.util
-
-    def where(error):  # the line of the config file the error came from
-        lines = [f.lineno for f in traceback.extract_tb(error.__traceback__)
-                 if os.path.abspath(f.filename) == os.path.abspath(path)]
-        return f" (line {lines[-1]})" if lines else ""
-
-    spec = importlib.util.spec_from_file_location("_moco_tf_config_check", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as e:  # noqa: BLE001
-        return f"the config file {path} failed to load: {_one_line(e)}{where(e)}."
-    if not callable(getattr(module, "get_config", None)):
-        return (f"the config file {path} has no get_config() function (a config file defines "
-                f"get_config(variant=\"\") returning a ConfigDict; see configs/synthetic.py).")
-    try:
-        module.get_config(*([variant] if variant else []))
-    except ValueError as e:  # the config's own message (e.g. an unknown variant)
-        message = " ".join(str(e).split())
-        return message if path in message else f"get_config() in {path}: {message}"
-    except Exception as e:  # noqa: BLE001
-        return f"get_config() in {path} failed: {_one_line(e)}{where(e)}."
-    return None
-
-
-@contextlib.contextmanager
-def _startup_noise_hidden(hide=True):
-    """Runs the block (TensorFlow's import and first device query) with fd 2 going to a
-    temporary file, then writes back every line of it that is not `_STARTUP_NOISE`: the C++
-    start-up lines cannot be turned off otherwise. Python errors and tracebacks, absl lines and
-    any other C++ line are kept, in order."""
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no fd 2 (e.g. an embedded interpreter): nothing to hide
-        yield
-        return
-    if not hide:
-        os.close(saved)
-        yield
-        return
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        finally:
-            with contextlib.suppress(Exception):
-                sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            text = captured.read().decode("utf-8", "replace")
-            kept = [line for line in text.splitlines(keepends=True)
-                    if not _STARTUP_NOISE.match(line)]
-            if kept:
-                sys.stderr.write("".join(kept))
-                sys.stderr.flush()
-
-
 def main(argv):
     del argv
     from moco_tf import config as config_lib  # no TensorFlow yet: config mistakes show at once
@@ -214,20 +54,21 @@ def main(argv):
     try:
         config_lib.validate(_CONFIG.value)
     except config_lib.ConfigError as e:
-        _fail("Config error", e, 2)
+        cli.fail("Config error", e, 2)
     except Exception as e:  # noqa: BLE001  a check that itself failed on an odd value
-        _fail("Config error", f"the config could not be checked ({_one_line(e)}); look for a "
-                              f"value of the wrong kind in the config file or the overrides.", 2)
+        cli.fail("Config error", f"the config could not be checked ({cli.one_line(e)}); look "
+                                 f"for a value of the wrong kind in the config file or the "
+                                 f"overrides.", 2)
     # Before TensorFlow's import: it takes seconds, and a SIGTERM then must not kill us silently.
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     workdir = _WORKDIR.value
     try:
         results = _train(config_lib, workdir)
     except KeyboardInterrupt:  # before training began (TensorFlow's start-up, building, restoring)
-        _fail("Interrupted", f"Stopped before training began: nothing was trained or saved; "
-                             f"checkpoints already in {os.path.join(workdir, 'checkpoints')} are "
-                             f"kept. Rerun the same command to start (or resume).",
-              _interrupt_status())
+        cli.fail("Interrupted", f"Stopped before training began: nothing was trained or saved; "
+                                f"checkpoints already in {os.path.join(workdir, 'checkpoints')} "
+                                f"are kept. Rerun the same command to start (or resume).",
+                 _interrupt_status())
     summary = ", ".join(
         f"{k}={results[k] if results[k] is not None else 'n/a'}"
         for k in ("knn_top1", "knn_top1_k20", "images_per_sec") if k in results
@@ -246,7 +87,8 @@ def _train(config_lib, workdir):
         # TensorFlow's INFO lines ("Sharding callback duration" at every checkpoint, SavedModel
         # fingerprints) are noise here: some come through TF's logger, some through absl's.
         logging.get_absl_logger().addFilter(_no_tensorflow_info)
-    with _startup_noise_hidden(hide=not (verbosity.present and verbosity.value >= 1)):
+    shown = (verbosity.present and verbosity.value >= 1) or cli.tensorflow_logs_wanted()
+    with cli.startup_noise_hidden(hide=not shown):
         import tensorflow as tf
 
         tf.config.list_physical_devices()  # CUDA's probe logs here
@@ -257,15 +99,15 @@ def _train(config_lib, workdir):
     try:
         _, results = train_lib.train_and_evaluate(_CONFIG.value, workdir)
     except config_lib.ConfigError as e:  # checks that need TensorFlow (devices, replicas)
-        _fail("Config error", e, 2)
+        cli.fail("Config error", e, 2)
     except config_lib.DataError as e:  # the data given cannot be used: fix it, like a config
-        _fail("Data error", e, 2)
+        cli.fail("Data error", e, 2)
     except checkpoint_lib.CheckpointMismatch as e:  # another run's workdir: an input mistake
-        _fail("Checkpoint error", e, 2)
+        cli.fail("Checkpoint error", e, 2)
     except errors.CLEAR_ERRORS as e:  # NaN, full disk, workdir in use, out of memory
-        _fail("Error", e, 1)
+        cli.fail("Error", e, 1)
     except errors.Interrupted as e:  # Ctrl-C or SIGTERM: saved, and how to resume
-        _fail("Interrupted", e, _interrupt_status())
+        cli.fail("Interrupted", e, _interrupt_status())
     return results
 
 
@@ -291,7 +133,7 @@ def bundled_config(argv):
 def run():
     """The `moco-tf-train` entry point (and `python train.py`)."""
     sys.argv = bundled_config(sys.argv)
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import sys
 import textwrap
 import time
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -337,6 +338,7 @@ time.sleep(600)
 _RUN_CASES = """
 import importlib.util, json, os, sys, traceback
 sys.path.insert(0, os.getcwd())
+from moco_tf import cli
 from moco_tf import train_cli as train  # what train.py runs
 import moco_tf.train_lib  # noqa: F401  TensorFlow and the package, imported once, no op run
 from absl import app
@@ -349,7 +351,7 @@ for name, args, stderr_path in json.loads(sys.argv[1]):  # all at once: most end
         sys.argv = train.bundled_config(["train.py", *args])  # as train.py's run() sets it
         code = 0
         try:
-            app.run(train.main, flags_parser=train._parse_flags)
+            app.run(train.main, flags_parser=cli.parse_flags)
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
         except BaseException:
@@ -587,8 +589,72 @@ def test_verbosity_given_with_a_space_is_honoured(quick_runs):
     assert "Training 1 epochs" not in stderr and "Saved checkpoint" not in stderr
 
 
+# The other command lines, each given a wrong input: (argv after `python -m`, the last line).
+_OTHER_CLIS = {
+    "linear_no_export": (
+        ["moco_tf.eval.linear", "--export={tmp}/missing", "--config=configs/synthetic.py"],
+        r"Error: load_backbone: no Keras backbone at \S+/missing\."),
+    "linear_no_config_file": (  # was 30 lines of traceback
+        ["moco_tf.eval.linear", "--export={tmp}/missing", "--config=configs/nope.py"],
+        r"Config error: the config file configs/nope\.py does not exist .*"),
+    "linear_bad_value": (
+        ["moco_tf.eval.linear", "--export={tmp}/missing", "--config=configs/synthetic.py",
+         "--config.data.image_size=0"],
+        r"Config error: 'data\.image_size' must be >= 8, got 0\."),
+    "linear_export_of_other_images": (  # was Keras' shape error after 40 lines
+        ["moco_tf.eval.linear", "--export={tmp}/export28", "--config=configs/synthetic.py"],
+        r"Config error: the export \S+ takes images of shape \[28, 28, 1\] but the config's "
+        r"data gives \[16, 16, 1\]: .* --config\.data\.image_size=28\."),
+    "to_torch": (["moco_tf.convert.to_torch", "--export={tmp}/missing", "--out={tmp}/o.pth"],
+                 r"error: \S+/missing is not an export folder .*"),
+    "torch_moco": (["moco_tf.convert.torch_moco", "--checkpoint={tmp}/missing.pth",
+                    "--out={tmp}/out"], r"error: No checkpoint file at \S+/missing\.pth\."),
+    "prepare": (["moco_tf.data.prepare", "no_such_dataset_xyz"],
+                r"Data error: data\.name='no_such_dataset_xyz' is not a tfds dataset .*"),
+    "imagenet_val": (["moco_tf.data.imagenet_val", "{tmp}"],
+                     r"Error: \S+ has no ILSVRC2012_val_\*\.JPEG files to sort"),
+}
+
+
+@pytest.fixture(scope="module")
+def other_cli_runs(tmp_path_factory):
+    """Every `_OTHER_CLIS` case at once, and the first one again with TF_CPP_MIN_LOG_LEVEL=0.
+    Yields {name: (returncode, stderr)}."""
+    from moco_tf import export
+
+    tmp = tmp_path_factory.mktemp("clis")
+    inputs = keras.Input((28, 28, 1))
+    export.export_backbone(keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(inputs)),
+                           str(tmp / "export28"), image_shape=(28, 28, 1))
+    cases = {name: (argv, {}) for name, (argv, _) in _OTHER_CLIS.items()}
+    cases["linear_tf_logs"] = (_OTHER_CLIS["linear_no_export"][0], {"TF_CPP_MIN_LOG_LEVEL": "0"})
+    runs = {name: subprocess.Popen(
+        [sys.executable, "-m", *[a.format(tmp=tmp) for a in argv]], cwd=ROOT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **env})
+        for name, (argv, env) in cases.items()}
+    return {name: (run.wait(timeout=600), run.communicate()[1]) for name, run in runs.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(_OTHER_CLIS))
+def test_every_command_line_gives_one_line_without_tensorflows_start_up_noise(other_cli_runs,
+                                                                              name):
+    returncode, stderr = other_cli_runs[name]
+    assert returncode == 2, stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert not any(_NOISE.match(line) for line in stderr.splitlines()), stderr
+    assert re.fullmatch(_OTHER_CLIS[name][1], stderr.strip().splitlines()[-1]), stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_tf_cpp_min_log_level_0_shows_tensorflows_start_up_lines(other_cli_runs):
+    returncode, stderr = other_cli_runs["linear_tf_logs"]
+    assert returncode == 2, stderr[-2000:]
+    assert any(_NOISE.match(line) for line in stderr.splitlines()), stderr
+
+
 def test_startup_noise_is_dropped_but_real_errors_and_tracebacks_are_kept(capfd):
-    from moco_tf import train_cli
+    from moco_tf import cli
 
     noise = ["WARNING: All log messages before absl::InitializeLog() is called are written to "
              "STDERR",
@@ -598,11 +664,11 @@ def test_startup_noise_is_dropped_but_real_errors_and_tracebacks_are_kept(capfd)
     real = ["E0000 00:00:1796284222.039653   17905 some_op.cc:12] a real C++ error",
             "Traceback (most recent call last):", "ImportError: libcudnn.so.9: cannot open"]
     with pytest.raises(RuntimeError, match="still raised"):
-        with train_cli._startup_noise_hidden():
+        with cli.startup_noise_hidden():
             os.write(2, "\n".join(noise[:2] + real[:1] + noise[2:] + real[1:]).encode() + b"\n")
             raise RuntimeError("still raised")
     assert capfd.readouterr().err.splitlines() == real
-    with train_cli._startup_noise_hidden(hide=False):
+    with cli.startup_noise_hidden(hide=False):
         os.write(2, (noise[1] + "\n").encode())
     assert capfd.readouterr().err.splitlines() == noise[1:2]
 
@@ -611,14 +677,14 @@ def test_a_check_that_fails_with_another_exception_is_still_one_line(tmp_path, m
                                                                     capsys):
     from absl import flags
 
-    from moco_tf import train_cli
+    from moco_tf import cli, train_cli
 
     def broken(config):
         raise TypeError("'<' not supported between instances of 'str' and 'int'")
 
     absl_level = logging.getLogger("absl").level  # parsing --verbosity sets it
-    train_cli._parse_flags(["train.py", "--config=configs/synthetic.py",
-                            f"--workdir={tmp_path / 'run'}"])
+    cli.parse_flags(["train.py", "--config=configs/synthetic.py",
+                     f"--workdir={tmp_path / 'run'}"])
     monkeypatch.setattr(config_lib, "validate", broken)
     try:
         with pytest.raises(SystemExit) as exit_:

@@ -44,9 +44,10 @@ import re
 import tarfile
 import zipfile
 
-if __name__ == "__main__":  # before TensorFlow is imported
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if __name__ == "__main__":  # before TensorFlow is imported: without its C++ start-up lines
+    from moco_tf import cli
+
+    cli.import_tensorflow()
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

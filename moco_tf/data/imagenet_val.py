@@ -19,6 +19,9 @@ _NAME = re.compile(r"ILSVRC2012_val_(\d{8})\.JPEG$")
 
 def validation_labels() -> list[str]:
     """The wnid of every validation image, in file-number order (from tensorflow-datasets)."""
+    from moco_tf import cli
+
+    cli.import_tensorflow()  # tfds imports it; without its C++ start-up lines
     import tensorflow_datasets as tfds
 
     path = os.path.join(os.path.dirname(tfds.__file__), "datasets", "imagenet2012",

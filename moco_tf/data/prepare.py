@@ -30,6 +30,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import ml_collections
+
+    from moco_tf import cli
+
+    cli.import_tensorflow()  # without its C++ start-up lines
     import tensorflow_datasets as tfds
 
     from moco_tf.config import DataError

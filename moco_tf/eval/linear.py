@@ -34,9 +34,10 @@ import json
 import os
 import time
 
-if __name__ == "__main__":  # before TensorFlow is imported
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if __name__ == "__main__":  # before TensorFlow is imported: without its C++ start-up lines
+    from moco_tf import cli
+
+    cli.import_tensorflow()
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -152,6 +153,20 @@ def train_linear(train_features, train_labels, test_features, test_labels, *, nu
     }
 
 
+def _check_images_fit(backbone, dataset, export_dir):
+    """The config's images must have the export's input shape (else Keras' error comes after a
+    page of traceback, from inside the feature extraction)."""
+    from moco_tf.config import ConfigError
+
+    wanted = tuple(backbone.input_shape[1:])
+    given = tuple(dataset.element_spec[0].shape[1:])
+    if None not in wanted and wanted != given:
+        raise ConfigError(
+            f"the export {export_dir} takes images of shape {list(wanted)} but the config's data "
+            f"gives {list(given)}: pass the config (and overrides) it was trained with, e.g. "
+            f"--config.data.image_size={wanted[0]}.")
+
+
 def evaluate(export_dir, config, *, epochs=100, raw_pixels=False, normalize="l2",
              learning_rate=30.0, batch_size=256, output=None, verbose=0) -> dict:
     """Linear evaluation of an exported backbone on `config.data`; writes the JSON result.
@@ -178,6 +193,7 @@ def evaluate(export_dir, config, *, epochs=100, raw_pixels=False, normalize="l2"
     results = {}
     if export_dir:
         backbone = export_lib.load_backbone(export_dir, trainable=False)
+        _check_images_fit(backbone, train_ds, export_dir)
         results = train_linear(*extract_features(backbone, train_ds),
                                *extract_features(backbone, test_ds), **protocol)
         results["export_dir"] = export_dir
@@ -202,16 +218,30 @@ def main(argv):
     del argv
     from absl import flags
 
+    from moco_tf import cli
+    from moco_tf import config as config_lib
+
     f = flags.FLAGS
     if not f.export and not f.raw_pixels:
         raise flags.UsageError("--export is required (or --raw_pixels for the baseline alone).")
     if not f.export and not f.output:
         raise flags.UsageError("--raw_pixels without --export needs --output.")
-    results = evaluate(
-        f.export, f.config, epochs=f.epochs, raw_pixels=f.raw_pixels, normalize=f.normalize,
-        learning_rate=f.learning_rate, batch_size=f.batch_size, output=f.output,
-        verbose=f.verbose,
-    )
+    try:
+        config_lib.validate(f.config)
+    except config_lib.ConfigError as e:
+        cli.fail("Config error", e, 2)
+    try:
+        results = evaluate(
+            f.export, f.config, epochs=f.epochs, raw_pixels=f.raw_pixels, normalize=f.normalize,
+            learning_rate=f.learning_rate, batch_size=f.batch_size, output=f.output,
+            verbose=f.verbose,
+        )
+    except config_lib.ConfigError as e:  # the config does not fit the export
+        cli.fail("Config error", e, 2)
+    except config_lib.DataError as e:
+        cli.fail("Data error", e, 2)
+    except FileNotFoundError as e:  # no export there
+        cli.fail("Error", e, 2)
     if results.get("top1") is not None:
         print(f"Linear top-1: {100 * results['top1']:.2f}% ({results['epochs']} epochs, "
               f"normalize={results['normalize']})")
@@ -242,4 +272,4 @@ if __name__ == "__main__":
     from absl import app
 
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)
