@@ -7,6 +7,7 @@ touch fd 2. Imports no TensorFlow until `import_tensorflow`.
 """
 
 import contextlib
+import logging
 import os
 import re
 import sys
@@ -14,6 +15,7 @@ import tempfile
 import traceback
 
 from absl import flags
+from absl import logging as absl_logging
 
 # What TensorFlow's C++ start-up writes to fd 2 on every run, whatever TF_CPP_MIN_LOG_LEVEL says
 # (abseil logs them before InitializeLog, hence the date 0000): oneDNN and CUDA-probe notes, and
@@ -194,3 +196,23 @@ def import_tensorflow(show=None):
 
         tf.config.list_physical_devices()
     return tf
+
+
+def hide_log_noise():
+    """Drops TensorFlow's INFO lines ("Sharding callback duration" at every checkpoint,
+    SavedModel fingerprints; some come through TF's logger, some through absl's, as tfds' do)
+    and tfds' misleading "Variant folder" warning from absl's logger."""
+    absl_logger = absl_logging.get_absl_logger()
+    if _not_noise not in absl_logger.filters:
+        absl_logger.addFilter(_not_noise)
+
+
+def _not_noise(record) -> bool:
+    """Keeps a log record unless it is below WARNING and logged from inside TensorFlow, or tfds'
+    "Variant folder D/NAME/VERSION has no dataset_info.json": tfds warns so while it looks for a
+    prepared copy that does not exist; the one-line Data error that follows says where it looked
+    and how to prepare it."""
+    if f"{os.sep}tensorflow_datasets{os.sep}" in record.pathname:
+        return not str(record.msg).startswith("Variant folder ")
+    return record.levelno >= logging.WARNING or (
+        f"{os.sep}tensorflow{os.sep}" not in record.pathname)

@@ -26,12 +26,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where logs, checkpoints, result
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _no_tensorflow_info(record) -> bool:
-    """Keeps a log record unless it is below WARNING and logged from inside TensorFlow."""
-    return record.levelno >= logging.converter.STANDARD_WARNING or (
-        f"{os.sep}tensorflow{os.sep}" not in record.pathname)
-
-
 def _stop_on_sigterm(signum, frame):
     """Preemption (spot and TPU VMs, SLURM, Kubernetes) and `kill` send SIGTERM: stop as on
     Ctrl-C, between steps, with a checkpoint and the line saying how to resume."""
@@ -84,9 +78,7 @@ def _train(config_lib, workdir):
     verbosity = flags.FLAGS["verbosity"]
     if not verbosity.present:  # -v N, -v=N, --verbosity=N: absl has set it
         logging.set_verbosity(logging.INFO)  # moco_tf's progress lines by default
-        # TensorFlow's INFO lines ("Sharding callback duration" at every checkpoint, SavedModel
-        # fingerprints) are noise here: some come through TF's logger, some through absl's.
-        logging.get_absl_logger().addFilter(_no_tensorflow_info)
+        cli.hide_log_noise()
     shown = (verbosity.present and verbosity.value >= 1) or cli.tensorflow_logs_wanted()
     with cli.startup_noise_hidden(hide=not shown):
         import tensorflow as tf

@@ -433,6 +433,8 @@ def test_train_py_refuses_a_config_mistake_with_one_line_and_exit_2(train_py_run
     assert returncode == 2, stderr[-2000:]
     assert len(lines) == 1 and message in lines[0], lines
     assert "Traceback" not in stderr
+    # tfds' "Variant folder D/imagenet2012/5.1.0 has no dataset_info.json" (D does not exist).
+    assert "Variant folder" not in stderr, stderr
     assert not os.path.exists(workdir)  # stopped before anything was built or written
 
 
@@ -611,6 +613,11 @@ _OTHER_CLIS = {
                     "--out={tmp}/out"], r"error: No checkpoint file at \S+/missing\.pth\."),
     "prepare": (["moco_tf.data.prepare", "no_such_dataset_xyz"],
                 r"Data error: data\.name='no_such_dataset_xyz' is not a tfds dataset .*"),
+    "prepare_without_manual_dir": (  # was led by tfds' "Variant folder ... has no dataset_info"
+        ["moco_tf.data.prepare", "imagenet2012", "--data_dir={tmp}/no_tfds"],
+        r"Data error: tfds dataset 'imagenet2012' is not prepared in \S+/no_tfds and tfds "
+        r"cannot download it: .* Then run `python -m moco_tf\.data\.prepare imagenet2012 "
+        r"--manual_dir=DIR --data_dir=\S+/no_tfds` with that folder\."),
     "imagenet_val": (["moco_tf.data.imagenet_val", "{tmp}"],
                      r"Error: \S+ has no ILSVRC2012_val_\*\.JPEG files to sort"),
 }
@@ -643,6 +650,8 @@ def test_every_command_line_gives_one_line_without_tensorflows_start_up_noise(ot
     assert returncode == 2, stderr[-2000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     assert not any(_NOISE.match(line) for line in stderr.splitlines()), stderr
+    assert "Variant folder" not in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
     assert re.fullmatch(_OTHER_CLIS[name][1], stderr.strip().splitlines()[-1]), stderr[-2000:]
 
 

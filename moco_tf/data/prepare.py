@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     from moco_tf import cli
 
     cli.import_tensorflow()  # without its C++ start-up lines
+    cli.hide_log_noise()
     import tensorflow_datasets as tfds
 
     from moco_tf.config import DataError
