@@ -79,13 +79,10 @@ def _train(config_lib, workdir):
     if not verbosity.present:  # -v N, -v=N, --verbosity=N: absl has set it
         logging.set_verbosity(logging.INFO)  # moco_tf's progress lines by default
         cli.hide_log_noise()
-    shown = (verbosity.present and verbosity.value >= 1) or cli.tensorflow_logs_wanted()
-    with cli.startup_noise_hidden(hide=not shown):
-        import tensorflow as tf
-
-        tf.config.list_physical_devices()  # CUDA's probe logs here
-        from moco_tf import checkpoint as checkpoint_lib
-        from moco_tf import errors, train_lib
+    tf = cli.import_tensorflow(
+        show=(verbosity.present and verbosity.value >= 1) or cli.tensorflow_logs_wanted())
+    from moco_tf import checkpoint as checkpoint_lib
+    from moco_tf import errors, train_lib
 
     tf.get_logger().setLevel("WARNING")
     try:

@@ -228,15 +228,12 @@ def main(argv):
         raise flags.UsageError("--raw_pixels without --export needs --output.")
     try:
         config_lib.validate(f.config)
-    except config_lib.ConfigError as e:
-        cli.fail("Config error", e, 2)
-    try:
         results = evaluate(
             f.export, f.config, epochs=f.epochs, raw_pixels=f.raw_pixels, normalize=f.normalize,
             learning_rate=f.learning_rate, batch_size=f.batch_size, output=f.output,
             verbose=f.verbose,
         )
-    except config_lib.ConfigError as e:  # the config does not fit the export
+    except config_lib.ConfigError as e:  # a bad value, or a config that does not fit the export
         cli.fail("Config error", e, 2)
     except config_lib.DataError as e:
         cli.fail("Data error", e, 2)
